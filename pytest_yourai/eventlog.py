@@ -1,0 +1,111 @@
+"""The crash-safe JSONL event log (``benchmark_log.jsonl``): the one writer of every event.
+
+Each event is one JSON object on one line, written with a single ``write()`` on a file
+descriptor opened with ``O_APPEND`` and fsync'd before ``write_event`` returns. So the line
+is on disk before the step it describes goes on, concurrent writers (xdist workers,
+several pytest runs) never interleave bytes, and an existing file is only appended to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Final
+
+from pytest_yourai.errors import YouraiUsageError
+
+BENCHMARK_START: Final = "benchmark_start"
+MODEL_START: Final = "model_start"
+PREFLIGHT_CHECK: Final = "preflight_check"
+SUBPROCESS_START: Final = "subprocess_start"
+SUBPROCESS_SPAWNED: Final = "subprocess_spawned"
+SUBPROCESS_COMPLETED: Final = "subprocess_completed"
+SUBPROCESS_TIMEOUT: Final = "subprocess_timeout"
+SUBPROCESS_FAILED: Final = "subprocess_failed"
+SAFETY_STOP: Final = "safety_stop"
+BENCHMARK_COMPLETE: Final = "benchmark_complete"
+
+EVENTS: Final = (
+    BENCHMARK_START,
+    MODEL_START,
+    PREFLIGHT_CHECK,
+    SUBPROCESS_START,
+    SUBPROCESS_SPAWNED,
+    SUBPROCESS_COMPLETED,
+    SUBPROCESS_TIMEOUT,
+    SUBPROCESS_FAILED,
+    SAFETY_STOP,
+    BENCHMARK_COMPLETE,
+)
+
+# The fields each event carries at least (beyond timestamp and event).
+REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    BENCHMARK_START: ("max_memory_gb", "force_mode", "backend", "total_gb", "available_gb"),
+    MODEL_START: ("preset", "model_name", "params"),
+    PREFLIGHT_CHECK: (
+        "preset",
+        "available_gb",
+        "estimated_base_gb",
+        "estimated_conservative_gb",
+        "batch_size",
+        "lora_rank",
+        "lora_layers",
+    ),
+    SUBPROCESS_START: ("preset",),
+    SUBPROCESS_SPAWNED: ("preset", "pid"),
+    SUBPROCESS_COMPLETED: ("preset", "exit_code", "peak_memory_gb", "stdout_preview"),
+    SUBPROCESS_TIMEOUT: ("preset", "pid", "timeout_s", "stdout_preview"),
+    SUBPROCESS_FAILED: ("preset", "exit_code", "stderr", "stdout_preview"),
+    SAFETY_STOP: ("reason", "available_gb", "threshold_gb"),
+    BENCHMARK_COMPLETE: ("total_tested", "passed", "failed", "skipped"),
+}
+
+
+def check_log_path(path: Path, source: str) -> None:
+    """Fail at start-up, not mid-run, when the log cannot be appended to.
+
+    Creates nothing: a session that runs no benchmark leaves no file behind.
+    """
+    if path.is_dir():
+        raise YouraiUsageError(f"{source}: log path {path} is a directory")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise YouraiUsageError(f"{source}: log file {path} is not writable")
+        return
+    parent = path.parent
+    if not parent.is_dir():
+        raise YouraiUsageError(f"{source}: log directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise YouraiUsageError(f"{source}: log directory {parent} is not writable")
+
+
+class EventLog:
+    """Appends events to one JSONL file; ``context`` fields go on every line."""
+
+    def __init__(self, path: Path, **context: Any) -> None:
+        self.path = path
+        self.context = {"host": socket.gethostname(), **context}
+
+    def write_event(self, event: str, **fields: Any) -> dict[str, Any]:
+        missing = [name for name in REQUIRED_FIELDS.get(event, ()) if name not in fields]
+        if missing:
+            raise ValueError(f"event {event!r} is missing field(s) {', '.join(missing)}")
+        record: dict[str, Any] = {"timestamp": time.time(), "event": event}
+        record.update(fields)
+        for key, value in self.context.items():
+            record.setdefault(key, value)
+        line = (json.dumps(record, default=str, ensure_ascii=False) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            written = os.write(fd, line)
+            if written != len(line):
+                # A short write on a regular file means the disk is full; finish the line
+                # so the next event starts on a fresh one.
+                os.write(fd, line[written:])
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return record

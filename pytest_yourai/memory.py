@@ -1,0 +1,125 @@
+"""What the machine has: the MLX backend in use and its total/available memory.
+
+The pytest process never imports mlx (a crash in MLX must stay in the probe), so the
+backend is inferred from the platform and the installed MLX distributions, and CUDA
+memory is read with nvidia-smi.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+
+import psutil
+
+GB = 1e9
+CUDA_DISTRIBUTIONS = ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")
+
+
+@dataclass(frozen=True)
+class MachineMemory:
+    backend: str  # "cpu" | "cuda" | "metal"
+    total_gb: float
+    available_gb: float
+    device_name: str
+    source: str  # where available_gb came from
+    cap_gb: float | None = None
+
+    def capped(self, cap_gb: float | None) -> MachineMemory:
+        """Apply ``--yourai-max-memory``: count at most ``cap_gb`` as available."""
+        if cap_gb is None:
+            return self
+        return replace(self, available_gb=min(self.available_gb, cap_gb), cap_gb=cap_gb)
+
+
+def _distribution_installed(name: str) -> bool:
+    try:
+        importlib.metadata.distribution(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def detect_backend() -> str:
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "metal"
+    if any(_distribution_installed(name) for name in CUDA_DISTRIBUTIONS) and shutil.which(
+        "nvidia-smi"
+    ):
+        return "cuda"
+    return "cpu"
+
+
+def _cuda_memory() -> MachineMemory | None:
+    """Total and free memory of GPU 0 (MLX's default device) from nvidia-smi, in GB."""
+    try:
+        out = subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=memory.total,memory.free,name",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    first = out.strip().splitlines()[0] if out.strip() else ""
+    parts = [p.strip() for p in first.split(",")]
+    if len(parts) < 3:
+        return None
+    try:
+        total_mib, free_mib = float(parts[0]), float(parts[1])
+    except ValueError:
+        return None
+    mib = 1024 * 1024
+    return MachineMemory(
+        backend="cuda",
+        total_gb=total_mib * mib / GB,
+        available_gb=free_mib * mib / GB,
+        device_name=parts[2],
+        source="nvidia-smi free memory",
+    )
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def system_memory(backend: str) -> MachineMemory:
+    vm = psutil.virtual_memory()
+    name = cpu_name()
+    return MachineMemory(
+        backend=backend,
+        total_gb=vm.total / GB,
+        available_gb=vm.available / GB,
+        device_name=name,
+        source="psutil available",
+    )
+
+
+def read_machine_memory(backend: str | None = None) -> MachineMemory:
+    backend = backend or detect_backend()
+    if backend == "cuda":
+        cuda = _cuda_memory()
+        if cuda is not None:
+            return cuda
+    return system_memory(backend)
+
+
+def available_gb(backend: str) -> float:
+    """A fresh reading of available memory, for checks during the run."""
+    return read_machine_memory(backend).available_gb

@@ -1,0 +1,209 @@
+"""pytest hooks of pytest-yourai: options, parametrization, pre-flight, reports, summary.
+
+Hooks only; the work is done by ``session.YouraiSession`` and the modules it uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from pytest_yourai.benchmark import YouraiBenchmark
+from pytest_yourai.errors import YouraiUsageError
+from pytest_yourai.preflight import RUN, Preflight
+from pytest_yourai.presets import Preset
+from pytest_yourai.report import item_lines, recommendation, summary_table
+from pytest_yourai.session import PRESET_ARG, PROP_PREFIX, YouraiSession
+from pytest_yourai.settings import add_options, resolve
+
+SESSION_KEY = pytest.StashKey[YouraiSession]()
+PREFLIGHT_KEY = pytest.StashKey[Preflight]()
+PLUGIN_NAME = "yourai-session"
+
+
+class YouraiMemoryWarning(pytest.PytestWarning):
+    """A preset was skipped, or forced, although pre-flight says memory may not suffice."""
+
+
+def skip_at_item(reason: str) -> None:
+    """Skip, reported at the test's own location (like a skip marker), not this file's."""
+    raise pytest.skip.Exception(reason, _use_item_location=True)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "yourai: a pytest-yourai benchmark test (requests the yourai_benchmark fixture, "
+        "parametrized over the selected model presets)",
+    )
+    if config.option.help:
+        return
+    try:
+        session = YouraiSession.from_config(config, resolve(config))
+    except YouraiUsageError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    config.stash[SESSION_KEY] = session
+    config.pluginmanager.register(YouraiHooks(session), PLUGIN_NAME)
+    if config.pluginmanager.hasplugin("xdist") and not session.is_worker:
+        config.pluginmanager.register(XdistControllerHooks(session), PLUGIN_NAME + "-xdist")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if PRESET_ARG not in metafunc.fixturenames or SESSION_KEY not in metafunc.config.stash:
+        return
+    presets = metafunc.config.stash[SESSION_KEY].presets
+    metafunc.parametrize(PRESET_ARG, presets, ids=[p.name for p in presets])
+
+
+@pytest.fixture
+def yourai_preset(request: pytest.FixtureRequest) -> Preset:
+    """The preset under test; the plugin parametrizes it over the selected presets."""
+    raise pytest.UsageError(
+        "yourai_preset is parametrized by pytest-yourai; it cannot be used here"
+    )
+
+
+@pytest.fixture
+def yourai_benchmark(request: pytest.FixtureRequest, yourai_preset: Preset) -> YouraiBenchmark:
+    """The pre-flighted preset; call ``.run()`` to run the MLX LoRA probe."""
+    return YouraiBenchmark(
+        request.node, request.config.stash[SESSION_KEY], request.node.stash[PREFLIGHT_KEY]
+    )
+
+
+def _properties(preflight: Preflight, estimate_only: bool) -> list[tuple[str, Any]]:
+    e, c, s = preflight.estimate, preflight.config, preflight.shape
+    values: dict[str, Any] = {
+        "preset": preflight.preset.name,
+        "params": preflight.preset.params,
+        "param_count": preflight.preset.parameter_count,
+        "backend": s.backend,
+        "available_gb": round(preflight.available_gb, 3),
+        "estimated_base_gb": round(e.estimated_base_gb, 3),
+        "estimated_conservative_gb": round(e.estimated_conservative_gb, 3),
+        "batch_size": c.batch_size,
+        "lora_rank": c.lora_rank,
+        "lora_layers": c.lora_layers,
+        "seq_len": s.seq_len,
+        "bits": s.bits,
+        "dtype": s.dtype,
+        "decision": preflight.decision,
+        "insufficient": preflight.insufficient,
+        "estimate_only": estimate_only,
+    }
+    if preflight.predicted_seconds is not None:
+        values["predicted_seconds"] = round(preflight.predicted_seconds, 1)
+    if preflight.reason:
+        values["reason"] = preflight.reason
+    return [(PROP_PREFIX + k, v) for k, v in values.items()]
+
+
+class YouraiHooks:
+    """Hooks that need the session; registered once per pytest process."""
+
+    def __init__(self, session: YouraiSession) -> None:
+        self.session = session
+        self.benchmark_items: int | None = None
+        self.finished = 0
+
+    def pytest_report_header(self, config: pytest.Config) -> list[str] | None:
+        if self.session.is_worker:
+            return None
+        return [self.session.header_line()]
+
+    def pytest_collection_finish(self, session: pytest.Session) -> None:
+        if self.session.is_worker:
+            return
+        count = sum(
+            1
+            for item in session.items
+            if PRESET_ARG in getattr(getattr(item, "callspec", None), "params", {})
+        )
+        self.benchmark_items = count
+        if count:
+            self.session.write_start()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_setup(self, item: pytest.Item) -> None:
+        callspec = getattr(item, "callspec", None)
+        if callspec is None or PRESET_ARG not in callspec.params:
+            return
+        preset: Preset = callspec.params[PRESET_ARG]
+        settings = self.session.settings
+        self.session.safety_check(item)
+        preflight = self.session.preflight(item, preset)
+        item.user_properties.extend(_properties(preflight, settings.estimate_only))
+        item.stash[PREFLIGHT_KEY] = preflight
+        if preflight.insufficient:
+            action = "running anyway (--yourai-force)" if preflight.decision == RUN else "skipped"
+            item.warn(YouraiMemoryWarning(f"{preflight.reason}; {action}"))
+        if preflight.decision != RUN:
+            skip_at_item(preflight.reason)
+        if settings.estimate_only:
+            skip_at_item(
+                f"estimate only: {preset.name} needs {preflight.required_text()}, "
+                f"{preflight.available_gb:.3g} GB available, {preflight.config.describe()}"
+            )
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        if not self.session.is_worker:
+            self.session.record(report)
+
+    def pytest_runtest_logfinish(self, nodeid: str) -> None:
+        row = self.session.results.get(nodeid)
+        if row is None or self.session.is_worker or self.session.config.get_verbosity() < 1:
+            return
+        self.finished += 1
+        reporter = self.session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is None:
+            return
+        reporter.ensure_newline()
+        for line in item_lines(row, self.finished, self.benchmark_items):
+            reporter.write_line(line)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        rows = list(self.session.results.values())
+        if self.session.is_worker or not rows:
+            return
+        terminalreporter.section("yourai: LoRA memory benchmark")
+        for line in summary_table(rows):
+            terminalreporter.write_line(line)
+        terminalreporter.write_line("")
+        terminalreporter.write_line(recommendation(rows))
+        if self.session.safety_stopped:
+            terminalreporter.write_line(self.session.safety_stopped, red=True)
+        terminalreporter.write_line(f"log: {self.session.settings.log_path}")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_sessionfinish(self, session: pytest.Session) -> Generator[None, None, None]:
+        yield
+        if not self.session.is_worker:
+            for row in self.session.results.values():
+                if row.get("verdict") == "Stopped" and not self.session.safety_stopped:
+                    self.session.safety_stopped = str(row.get("reason") or "safety stop")
+            self.session.write_complete()
+
+
+class XdistControllerHooks:
+    """The controller's side of pytest-xdist: one run id, one benchmark_start."""
+
+    def __init__(self, session: YouraiSession) -> None:
+        self.session = session
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["yourai_run_id"] = self.session.run_id
+
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
+        hooks = self.session.config.pluginmanager.get_plugin(PLUGIN_NAME)
+        count = sum(1 for nodeid in ids if self.session.is_benchmark_nodeid(nodeid))
+        if isinstance(hooks, YouraiHooks) and hooks.benchmark_items is None:
+            hooks.benchmark_items = count
+        if count:
+            self.session.write_start()

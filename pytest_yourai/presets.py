@@ -1,0 +1,427 @@
+"""Model presets: the seed's five models, CPU-sized tiny ones, and user presets from TOML.
+
+A preset carries the architecture fields of its Hugging Face ``config.json``, so that
+estimating, auto-configuring and probing a model never needs a download.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pytest_yourai.errors import YouraiUsageError
+
+# Fields of the run that a preset may pin; anything else is chosen by the config policy.
+PINNABLE_FIELDS = ("batch_size", "lora_rank", "lora_layers", "seq_len", "bits")
+# Optional probe settings a preset may carry.
+PROBE_FIELDS = ("dtype", "group_size", "steps", "grad_checkpoint", "max_peak_gb")
+PRESET_META_FIELDS = ("repo", "params", "config", "architecture")
+ARCHITECTURE_REQUIRED = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "intermediate_size",
+    "num_attention_heads",
+    "vocab_size",
+)
+
+_LLAMA31_ROPE = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One model to benchmark.
+
+    ``architecture`` holds the fields of the model's ``config.json``; ``params`` is the
+    human label of its size ("7B"); ``pins`` are run settings fixed by the preset author.
+    """
+
+    name: str
+    repo: str
+    params: str
+    architecture: Mapping[str, Any]
+    pins: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "built-in"
+
+    @property
+    def parameter_count(self) -> int:
+        return count_parameters(self.architecture)
+
+    @property
+    def size_billions(self) -> float:
+        """Size in billions of parameters, from the label when it parses, else counted."""
+        label = parse_params_label(self.params)
+        return label if label is not None else self.parameter_count / 1e9
+
+    @property
+    def model_type(self) -> str:
+        return str(self.architecture["model_type"])
+
+
+def parse_params_label(label: str) -> float | None:
+    """'7B' -> 7.0, '1.5b' -> 1.5, '350M' -> 0.35; None if it is not such a label."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([bBmMkK])\s*", label)
+    if not match:
+        return None
+    scale = {"b": 1.0, "m": 1e-3, "k": 1e-6}[match.group(2).lower()]
+    return float(match.group(1)) * scale
+
+
+def format_params_label(count: int) -> str:
+    if count >= 1e9:
+        return f"{count / 1e9:.0f}B" if count >= 10e9 else f"{count / 1e9:.1f}B"
+    if count >= 1e6:
+        return f"{count / 1e6:.0f}M"
+    return f"{count / 1e3:.0f}K"
+
+
+def head_dim(arch: Mapping[str, Any]) -> int:
+    explicit = arch.get("head_dim")
+    if explicit:
+        return int(explicit)
+    return int(arch["hidden_size"]) // int(arch["num_attention_heads"])
+
+
+def count_parameters(arch: Mapping[str, Any]) -> int:
+    """Parameters of a dense decoder (llama-style block), the way mlx-lm builds it.
+
+    Counts embeddings, the LM head unless tied, attention (with qkv biases where the
+    architecture has them), the gated MLP and the norms.
+    """
+    hidden = int(arch["hidden_size"])
+    layers = int(arch["num_hidden_layers"])
+    inter = int(arch["intermediate_size"])
+    heads = int(arch["num_attention_heads"])
+    kv_heads = int(arch.get("num_key_value_heads") or heads)
+    vocab = int(arch["vocab_size"])
+    hd = head_dim(arch)
+    q_out, kv_out = heads * hd, kv_heads * hd
+    attention = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
+    if qkv_has_bias(arch):
+        attention += q_out + 2 * kv_out
+    mlp = 3 * hidden * inter
+    norms = 2 * hidden
+    embed = vocab * hidden
+    head = 0 if tie_embeddings(arch) else vocab * hidden
+    return embed + head + layers * (attention + mlp + norms) + hidden
+
+
+# Architectures whose q/k/v projections always carry a bias in mlx-lm.
+_QKV_BIAS_MODEL_TYPES = frozenset({"qwen2"})
+
+
+def qkv_has_bias(arch: Mapping[str, Any]) -> bool:
+    return (
+        bool(arch.get("attention_bias", False)) or arch.get("model_type") in _QKV_BIAS_MODEL_TYPES
+    )
+
+
+def tie_embeddings(arch: Mapping[str, Any]) -> bool:
+    # mlx-lm's llama and qwen2 default to tied embeddings when the field is absent.
+    return bool(arch.get("tie_word_embeddings", True))
+
+
+def _arch(**fields: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+    base.update(fields)
+    return base
+
+
+BUILTIN_PRESETS: tuple[Preset, ...] = (
+    Preset(
+        name="tiny-llama",
+        repo="(synthetic) tiny llama",
+        params="4M",
+        architecture=_arch(
+            model_type="llama",
+            hidden_size=256,
+            num_hidden_layers=4,
+            intermediate_size=512,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=4096,
+            rope_theta=10000.0,
+            torch_dtype="float32",
+        ),
+        pins={"seq_len": 128, "lora_rank": 8, "batch_size": 2},
+    ),
+    Preset(
+        name="tiny-qwen2",
+        repo="(synthetic) tiny qwen2",
+        params="2M",
+        architecture=_arch(
+            model_type="qwen2",
+            hidden_size=192,
+            num_hidden_layers=3,
+            intermediate_size=512,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            vocab_size=4096,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            torch_dtype="float32",
+        ),
+        pins={"seq_len": 128, "lora_rank": 8, "batch_size": 2},
+    ),
+    Preset(
+        name="hermes-mistral-7b",
+        repo="NousResearch/Hermes-2-Pro-Mistral-7B",
+        params="7B",
+        architecture=_arch(
+            model_type="mistral",
+            hidden_size=4096,
+            num_hidden_layers=32,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32032,
+            rope_theta=10000.0,
+            max_position_embeddings=32768,
+            torch_dtype="bfloat16",
+        ),
+    ),
+    Preset(
+        name="dolphin-8b",
+        repo="cognitivecomputations/dolphin-2.9-llama3-8b",
+        params="8B",
+        architecture=_arch(
+            model_type="llama",
+            hidden_size=4096,
+            num_hidden_layers=32,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128258,
+            rope_theta=500000.0,
+            max_position_embeddings=8192,
+            torch_dtype="bfloat16",
+        ),
+    ),
+    Preset(
+        name="llama-8b",
+        repo="mlabonne/Meta-Llama-3.1-8B-Instruct-abliterated",
+        params="8B",
+        architecture=_arch(
+            model_type="llama",
+            hidden_size=4096,
+            num_hidden_layers=32,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            rope_scaling=dict(_LLAMA31_ROPE),
+            max_position_embeddings=131072,
+            torch_dtype="bfloat16",
+        ),
+    ),
+    Preset(
+        name="r1-distill-14b",
+        repo="huihui-ai/DeepSeek-R1-Distill-Qwen-14B-abliterated-v2",
+        params="14B",
+        architecture=_arch(
+            model_type="qwen2",
+            hidden_size=5120,
+            num_hidden_layers=48,
+            intermediate_size=13824,
+            num_attention_heads=40,
+            num_key_value_heads=8,
+            vocab_size=152064,
+            rope_theta=1000000.0,
+            max_position_embeddings=131072,
+            torch_dtype="bfloat16",
+        ),
+    ),
+    Preset(
+        name="hermes-70b",
+        repo="NousResearch/Hermes-3-Llama-3.1-70B",
+        params="70B",
+        architecture=_arch(
+            model_type="llama",
+            hidden_size=8192,
+            num_hidden_layers=80,
+            intermediate_size=28672,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            vocab_size=128256,
+            rope_theta=500000.0,
+            rope_scaling=dict(_LLAMA31_ROPE),
+            max_position_embeddings=131072,
+            torch_dtype="bfloat16",
+        ),
+    ),
+)
+
+
+def builtin_presets() -> dict[str, Preset]:
+    return {preset.name: preset for preset in BUILTIN_PRESETS}
+
+
+def sort_smallest_first(presets: Iterable[Preset]) -> list[Preset]:
+    return sorted(presets, key=lambda p: (p.parameter_count, p.name))
+
+
+def validate_architecture(arch: Mapping[str, Any], where: str) -> None:
+    missing = [name for name in ARCHITECTURE_REQUIRED if name not in arch]
+    if missing:
+        raise YouraiUsageError(f"{where}: missing architecture field(s) {', '.join(missing)}")
+    for name in ARCHITECTURE_REQUIRED[1:]:
+        value = arch[name]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise YouraiUsageError(f"{where}: {name} must be a positive integer, got {value!r}")
+
+
+def _validate_pin(name: str, value: Any, where: str) -> None:
+    if name == "bits":
+        if value not in (2, 3, 4, 5, 6, 8, 16):
+            raise YouraiUsageError(f"{where}: bits must be one of 2,3,4,5,6,8,16, got {value!r}")
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise YouraiUsageError(f"{where}: {name} must be a positive integer, got {value!r}")
+
+
+def _load_config_json(path: Path, where: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise YouraiUsageError(f"{where}: config file not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise YouraiUsageError(f"{where}: cannot read config {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise YouraiUsageError(f"{where}: config {path} is not a JSON object")
+    # Multimodal configs nest the language model's fields.
+    text_config = data.get("text_config")
+    if isinstance(text_config, dict) and "hidden_size" not in data:
+        merged = dict(text_config)
+        merged.setdefault("model_type", data.get("model_type"))
+        return merged
+    return data
+
+
+def preset_from_table(name: str, table: Mapping[str, Any], base_dir: Path, source: str) -> Preset:
+    """Build a Preset from one ``[presets.NAME]`` TOML table."""
+    where = f"{source}: [presets.{name}]"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise YouraiUsageError(f"{where}: preset names use letters, digits, '.', '_' and '-'")
+    known = set(PINNABLE_FIELDS) | set(PROBE_FIELDS) | set(PRESET_META_FIELDS)
+    config_ref = table.get("config")
+    if config_ref is not None:
+        if not isinstance(config_ref, str):
+            raise YouraiUsageError(f"{where}: config must be a path string, got {config_ref!r}")
+        config_path = Path(config_ref)
+        if not config_path.is_absolute():
+            config_path = base_dir / config_path
+        architecture = _load_config_json(config_path, where)
+        unknown = sorted(set(table) - known)
+    else:
+        inline = table.get("architecture")
+        if isinstance(inline, Mapping):
+            architecture = dict(inline)
+            unknown = sorted(set(table) - known)
+        else:
+            # Fields inline: the architecture keys sit beside the preset's own keys.
+            architecture = {k: v for k, v in table.items() if k not in known}
+            unknown = sorted(
+                k
+                for k in architecture
+                if k not in ARCHITECTURE_REQUIRED and k not in _KNOWN_ARCH_OPTIONAL
+            )
+    if unknown:
+        raise YouraiUsageError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    validate_architecture(architecture, where)
+    pins: dict[str, Any] = {}
+    for key in (*PINNABLE_FIELDS, *PROBE_FIELDS):
+        if key in table:
+            value = table[key]
+            if key in PINNABLE_FIELDS:
+                _validate_pin(key, value, where)
+            pins[key] = value
+    params = table.get("params")
+    count = count_parameters(architecture)
+    if params is None:
+        params = format_params_label(count)
+    elif not isinstance(params, str) or parse_params_label(params) is None:
+        raise YouraiUsageError(f"{where}: params must be a label like '7B', got {params!r}")
+    repo = table.get("repo", "")
+    if not isinstance(repo, str):
+        raise YouraiUsageError(f"{where}: repo must be a string, got {repo!r}")
+    return Preset(
+        name=name,
+        repo=repo,
+        params=params,
+        architecture=architecture,
+        pins=pins,
+        source=source,
+    )
+
+
+# Architecture keys beyond the required ones that inline tables may carry.
+_KNOWN_ARCH_OPTIONAL = frozenset(
+    {
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "rope_traditional",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "attention_bias",
+        "mlp_bias",
+        "torch_dtype",
+        "sliding_window",
+        "layer_norm_eps",
+        "hidden_act",
+    }
+)
+
+
+def load_presets_file(path: Path, source: str) -> dict[str, Preset]:
+    """Read a presets TOML file; every problem is a YouraiUsageError naming the bad value."""
+    where = f"{source} {path}"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise YouraiUsageError(f"{where}: file not found") from None
+    except OSError as exc:
+        raise YouraiUsageError(f"{where}: cannot read: {exc.strerror}") from None
+    try:
+        document = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise YouraiUsageError(f"{where}: invalid TOML: {exc}") from None
+    extra = sorted(set(document) - {"presets"})
+    if extra:
+        raise YouraiUsageError(f"{where}: unknown top-level key(s) {', '.join(extra)}")
+    tables = document.get("presets", {})
+    if not isinstance(tables, dict):
+        raise YouraiUsageError(f"{where}: 'presets' must be a table of [presets.NAME] tables")
+    presets: dict[str, Preset] = {}
+    for name, table in tables.items():
+        if not isinstance(table, dict):
+            raise YouraiUsageError(f"{where}: presets.{name} must be a table")
+        presets[name] = preset_from_table(name, table, path.parent, where)
+    return presets
+
+
+def preset_from_config_json(path: Path, name: str | None = None) -> Preset:
+    architecture = _load_config_json(path, f"--config {path}")
+    validate_architecture(architecture, f"--config {path}")
+    count = count_parameters(architecture)
+    return Preset(
+        name=name or path.parent.name or "config",
+        repo=str(path.parent),
+        params=format_params_label(count),
+        architecture=architecture,
+        source=str(path),
+    )

@@ -1,0 +1,593 @@
+"""The probe: a child program that measures what an mlx-lm LoRA fine-tune allocates.
+
+This is the only module that imports mlx / mlx_lm. The plugin runs it as
+``python -m pytest_yourai.probe`` with the run's settings as JSON in the environment
+variable ``YOURAI_PROBE_SPEC``; each command-line flag overrides the matching field.
+
+It builds the model with mlx-lm's own class for the config's ``model_type`` (synthetic,
+shape-exact weights quantized block by block, or real weights when they are on disk),
+adds LoRA with ``linear_to_lora_layers``, and trains through mlx-lm's own trainer
+(``mlx_lm.tuner.trainer.train``: compiled step, masked cross-entropy) on batches of
+random tokens at full length. Progress goes to stdout, flushed, line by line; the last
+line is ``BENCHMARK_RESULT: {json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+
+from pytest_yourai.presets import builtin_presets
+
+GB = 1e9
+RESULT_PREFIX = "BENCHMARK_RESULT:"
+SPEC_ENV = "YOURAI_PROBE_SPEC"
+DEFAULT_STEPS = 4
+DTYPES = ("float32", "bfloat16", "float16")
+EXIT_OK, EXIT_ERROR, EXIT_OOM, EXIT_USAGE = 0, 1, 3, 2
+
+_OOM_PATTERNS = re.compile(
+    r"out of memory|unable to allocate|failed to allocate|attempting to allocate|"
+    r"insufficient memory|cudaErrorMemoryAllocation|std::bad_alloc|memory limit",
+    re.IGNORECASE,
+)
+
+_out = sys.stdout
+
+
+def say(message: str) -> None:
+    """A progress line on the real stdout, flushed at once for stdout_preview."""
+    _out.write(message + "\n")
+    _out.flush()
+
+
+class ProbeOOM(Exception):
+    """The probe ran out of (possibly rehearsed) memory."""
+
+
+class Phase:
+    """Where the probe is; reported with every failure."""
+
+    name = "start"
+
+
+def gb(nbytes: float) -> float:
+    return round(nbytes / GB, 6)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pytest_yourai.probe",
+        description="Measure the memory of an MLX LoRA fine-tune (mlx-lm's trainer path).",
+    )
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", help="a built-in preset name")
+    model.add_argument("--config", type=Path, help="a Hugging Face config.json")
+    p.add_argument(
+        "--bits",
+        type=int,
+        choices=(2, 3, 4, 5, 6, 8, 16),
+        help="weight bits; 16 means unquantized (default 4)",
+    )
+    p.add_argument("--group-size", type=int, help="quantization group size (default 64)")
+    p.add_argument(
+        "--dtype", choices=DTYPES, help="default: the config's torch_dtype, else bfloat16"
+    )
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int, help="model inputs per row (default 512)")
+    p.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--lora-layers", type=int)
+    p.add_argument("--lora-scale", type=float, help="default 20")
+    p.add_argument("--grad-checkpoint", action="store_true", default=None)
+    p.add_argument("--weights", help="auto (local HF cache, else synthetic), synthetic, or a PATH")
+    p.add_argument(
+        "--data", type=Path, help="a JSONL file of {'text': ...} rows (real weights only)"
+    )
+    p.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        help="cap MLX memory; exceeding it is reported as an OOM (rehearsal)",
+    )
+    p.add_argument(
+        "--measure-throughput",
+        action="store_true",
+        help="print the matmul throughput of this backend (GFLOP/s) and exit",
+    )
+    p.add_argument("--device-info", action="store_true", help="print mx.device_info() and exit")
+    return p
+
+
+def resolve_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge YOURAI_PROBE_SPEC with the command-line flags (flags win)."""
+    raw = os.environ.get(SPEC_ENV)
+    spec: dict[str, Any] = json.loads(raw) if raw else {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{SPEC_ENV} is not a JSON object")
+    for key in (
+        "bits",
+        "group_size",
+        "dtype",
+        "batch_size",
+        "seq_len",
+        "steps",
+        "lora_rank",
+        "lora_layers",
+        "lora_scale",
+        "grad_checkpoint",
+        "weights",
+        "memory_limit_gb",
+    ):
+        value = getattr(args, key)
+        if value is not None:
+            spec[key] = value
+    if args.data is not None:
+        spec["data"] = str(args.data)
+    if args.preset is not None:
+        presets = builtin_presets()
+        if args.preset not in presets:
+            raise ValueError(f"unknown preset {args.preset!r}; known: {', '.join(presets)}")
+        preset = presets[args.preset]
+        spec["preset"] = preset.name
+        spec["model_name"] = preset.repo
+        spec["config"] = dict(preset.architecture)
+        for key, value in preset.pins.items():
+            spec.setdefault(key, value)
+    elif args.config is not None:
+        spec["config"] = json.loads(args.config.read_text())
+        spec.setdefault("preset", args.config.parent.name)
+    if "config" not in spec:
+        raise ValueError(f"no model: pass --preset, --config, or {SPEC_ENV} with a 'config'")
+    config = spec["config"]
+    spec.setdefault("bits", 4)
+    spec.setdefault("group_size", 64)
+    torch_dtype = config.get("torch_dtype")
+    spec.setdefault("dtype", torch_dtype if torch_dtype in DTYPES else "bfloat16")
+    spec.setdefault("batch_size", 1)
+    spec.setdefault("seq_len", 512)
+    spec.setdefault("steps", DEFAULT_STEPS)
+    spec.setdefault("lora_rank", 16)
+    spec.setdefault("lora_layers", min(16, int(config["num_hidden_layers"])))
+    spec.setdefault("lora_scale", 20.0)
+    spec.setdefault("grad_checkpoint", False)
+    spec.setdefault("weights", "auto")
+    for key in ("batch_size", "seq_len", "steps", "lora_rank", "lora_layers", "group_size"):
+        if int(spec[key]) <= 0:
+            raise ValueError(f"{key} must be positive, got {spec[key]!r}")
+    if spec["dtype"] not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {spec['dtype']!r}")
+    return spec
+
+
+def backend_name() -> str:
+    device = mx.default_device()
+    if device.type == mx.cpu:
+        return "cpu"
+    if sys.platform == "darwin":
+        return "metal"
+    return "cuda"
+
+
+def device_info() -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    if hasattr(mx, "device_info"):
+        info = dict(mx.device_info())
+    elif hasattr(mx, "metal") and mx.metal.is_available():
+        info = dict(mx.metal.device_info())
+    info["backend"] = backend_name()
+    return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in info.items()}
+
+
+def process_peak_rss_gb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return gb(peak if sys.platform == "darwin" else peak * 1024)
+
+
+class MemoryCap:
+    """``--memory-limit-gb``: MLX's own limit plus a deterministic check of its peak."""
+
+    def __init__(self, limit_gb: float | None) -> None:
+        self.limit_bytes = int(limit_gb * GB) if limit_gb is not None else None
+        if self.limit_bytes is not None:
+            mx.set_memory_limit(self.limit_bytes)
+
+    def check(self, peak_bytes: int) -> None:
+        if self.limit_bytes is not None and peak_bytes > self.limit_bytes:
+            raise ProbeOOM(
+                f"memory limit exceeded: peak {gb(peak_bytes):.3f} GB > "
+                f"limit {gb(self.limit_bytes):.3f} GB"
+            )
+
+
+def _get_model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
+    from mlx_lm.utils import _get_classes
+
+    return _get_classes(config)  # type: ignore[no-any-return]
+
+
+def _quantize_predicate(group_size: int) -> Any:
+    def predicate(_path: str, module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return (
+            hasattr(module, "to_quantized")
+            and weight is not None
+            and weight.shape[-1] % group_size == 0
+        )
+
+    return predicate
+
+
+def local_weights(spec: dict[str, Any]) -> Path | None:
+    """A local directory with safetensors for ``weights``: a PATH, or the HF cache on auto."""
+    weights = spec.get("weights", "auto")
+    if weights == "synthetic":
+        return None
+    if weights != "auto":
+        path = Path(weights)
+        if not path.is_dir() or not any(path.glob("*.safetensors")):
+            raise ValueError(f"--weights {weights}: not a directory with *.safetensors files")
+        return path
+    repo = str(spec.get("model_name") or "")
+    if "/" not in repo:
+        return None
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE")
+        or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub"
+    )
+    snapshots = hub / ("models--" + repo.replace("/", "--")) / "snapshots"
+    for snapshot in sorted(snapshots.glob("*"), reverse=True):
+        if (snapshot / "config.json").exists() and any(snapshot.glob("*.safetensors")):
+            return snapshot
+    return None
+
+
+def build_model(spec: dict[str, Any], cap: MemoryCap) -> tuple[nn.Module, str]:
+    """The model with the target dtype and quantization; returns (model, weights source)."""
+    dtype = getattr(mx, spec["dtype"])
+    bits, group_size = int(spec["bits"]), int(spec["group_size"])
+    path = local_weights(spec)
+    if path is not None:
+        from mlx_lm.utils import load_model
+
+        say(f"loading weights from {path}")
+        model, config = load_model(path, lazy=True)
+        if bits < 16 and "quantization" not in config:
+            nn.quantize(
+                model,
+                group_size=group_size,
+                bits=bits,
+                class_predicate=_quantize_predicate(group_size),
+            )
+        mx.eval(model.parameters())
+        return model, str(path)
+
+    config = dict(spec["config"])
+    model_class, args_class = _get_model_classes(config)
+    model = model_class(args_class.from_dict(config))
+    # Parameters are lazy until evaluated: cast, quantize and evaluate one block at a
+    # time so the build never holds more than one block of full-precision weights.
+    blocks = list(model.layers)
+    total = len(blocks)
+    for index, block in enumerate(blocks, start=1):
+        block.set_dtype(dtype)
+        if bits < 16:
+            nn.quantize(
+                block,
+                group_size=group_size,
+                bits=bits,
+                class_predicate=_quantize_predicate(group_size),
+            )
+        mx.eval(block.parameters())
+        cap.check(mx.get_peak_memory())
+        if index == 1 or index == total or index % max(1, total // 10) == 0:
+            say(f"building block {index}/{total}")
+    # Then the embeddings and the head (already-quantized blocks are left as they are).
+    model.set_dtype(dtype)
+    if bits < 16:
+        nn.quantize(
+            model, group_size=group_size, bits=bits, class_predicate=_quantize_predicate(group_size)
+        )
+    mx.eval(model.parameters())
+    cap.check(mx.get_peak_memory())
+    return model, "synthetic"
+
+
+def count_parameters(model: nn.Module) -> int:
+    from mlx_lm.utils import get_total_parameters
+
+    return int(get_total_parameters(model))
+
+
+def trainable_parameter_count(model: nn.Module) -> int:
+    from mlx.utils import tree_flatten
+
+    return sum(int(v.size) for _, v in tree_flatten(model.trainable_parameters()))
+
+
+def random_batches(spec: dict[str, Any], vocab_size: int) -> Any:
+    """An iterate_batches replacement: full-length rows of random tokens, the worst case."""
+    batch, seq_len = int(spec["batch_size"]), int(spec["seq_len"])
+
+    def iterate(
+        dataset: Any,
+        batch_size: int,
+        max_seq_length: int,
+        loop: bool = False,
+        seed: int | None = None,
+        comm_group: Any = None,
+    ) -> Iterator[tuple[mx.array, mx.array]]:
+        lengths = mx.array([[0, seq_len]] * batch)
+        while True:
+            tokens = mx.random.randint(0, vocab_size, (batch, seq_len + 1))
+            yield tokens, lengths
+
+    return iterate
+
+
+def text_batches(spec: dict[str, Any], model_path: Path) -> Any:
+    """Batches of real text from ``--data``, tokenized and cut/padded to seq_len."""
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    tokenizer = load_tokenizer(model_path)
+    batch, seq_len = int(spec["batch_size"]), int(spec["seq_len"])
+    rows: list[list[int]] = []
+    with open(spec["data"], encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                text = json.loads(line).get("text", "")
+                rows.append(list(tokenizer.encode(text))[: seq_len + 1])
+    if len(rows) < batch:
+        raise ValueError(f"--data {spec['data']}: {len(rows)} rows, fewer than batch size {batch}")
+
+    def iterate(
+        dataset: Any,
+        batch_size: int,
+        max_seq_length: int,
+        loop: bool = False,
+        seed: int | None = None,
+        comm_group: Any = None,
+    ) -> Iterator[tuple[mx.array, mx.array]]:
+        index = 0
+        while True:
+            chosen = [rows[(index + j) % len(rows)] for j in range(batch)]
+            index += batch
+            width = max(len(r) for r in chosen)
+            padded = [r + [0] * (width - len(r)) for r in chosen]
+            lengths = [[0, len(r) - 1] for r in chosen]
+            yield mx.array(padded), mx.array(lengths)
+
+    return iterate
+
+
+def run_probe(spec: dict[str, Any], phase: Phase) -> dict[str, Any]:
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    cap = MemoryCap(spec.get("memory_limit_gb"))
+    config = spec["config"]
+    steps = int(spec["steps"])
+    say(
+        f"probe: {spec.get('preset', '?')} backend={backend_name()} dtype={spec['dtype']} "
+        f"bits={spec['bits']} batch={spec['batch_size']} seq={spec['seq_len']} "
+        f"rank={spec['lora_rank']} layers={spec['lora_layers']} steps={steps}"
+    )
+
+    phase.name = "build"
+    build_started = time.perf_counter()
+    model, weights_source = build_model(spec, cap)
+    total_parameters = count_parameters(model)
+    say(
+        f"built model: {total_parameters / 1e9:.3f}B parameters "
+        f"in {time.perf_counter() - build_started:.1f} s"
+    )
+
+    phase.name = "lora"
+    model.freeze()
+    num_layers = min(int(spec["lora_layers"]), len(model.layers))
+    linear_to_lora_layers(
+        model,
+        num_layers,
+        {"rank": int(spec["lora_rank"]), "scale": float(spec["lora_scale"]), "dropout": 0.0},
+    )
+    mx.eval(model.parameters())
+    trainable = trainable_parameter_count(model)
+    resident = mx.get_active_memory()
+    load_peak = mx.get_peak_memory()
+    cap.check(load_peak)
+    say(f"resident {gb(resident):.3f} GB, load peak {gb(load_peak):.3f} GB, trainable {trainable}")
+
+    phase.name = "train"
+    mx.reset_peak_memory()
+    step_seconds: list[float] = []
+    step_peaks: list[int] = []
+
+    class Progress(TrainingCallback):  # type: ignore[misc]
+        def on_train_loss_report(self, info: dict[str, Any]) -> None:
+            peak = mx.get_peak_memory()
+            step_peaks.append(peak)
+            step_seconds.append(1.0 / float(info["iterations_per_second"]))
+            say(
+                f"step {info['iteration']}/{steps} loss={info['train_loss']:.4f} "
+                f"peak={gb(peak):.3f} GB time={step_seconds[-1]:.2f} s"
+            )
+            cap.check(peak)
+
+    if spec.get("data") and weights_source != "synthetic":
+        batches = text_batches(spec, Path(weights_source))
+    else:
+        batches = random_batches(spec, int(config["vocab_size"]))
+    with tempfile.TemporaryDirectory(prefix="yourai-probe-") as scratch:
+        args = TrainingArgs(
+            batch_size=int(spec["batch_size"]),
+            iters=steps,
+            steps_per_report=1,
+            steps_per_eval=steps + 1,
+            steps_per_save=steps + 1,
+            max_seq_length=int(spec["seq_len"]) + 1,
+            adapter_file=str(Path(scratch) / "adapters.safetensors"),
+            grad_checkpoint=bool(spec["grad_checkpoint"]),
+        )
+        # mlx-lm's trainer draws its progress UI on stdout; keep stdout for our protocol.
+        with contextlib.redirect_stdout(sys.stderr):
+            train(
+                model,
+                optim.Adam(learning_rate=1e-5),
+                [0] * int(spec["batch_size"]),
+                None,
+                args=args,
+                iterate_batches=batches,
+                training_callback=Progress(),
+            )
+    train_peak = mx.get_peak_memory()
+    phase.name = "done"
+    tokens_per_step = int(spec["batch_size"]) * int(spec["seq_len"])
+    steady = step_seconds[1:] or step_seconds
+    peak_growth = len(step_peaks) >= 2 and step_peaks[-1] > step_peaks[-2] * 1.005
+    if peak_growth:
+        say("warning: the peak still rose at the last step; more --steps may show a higher peak")
+    return {
+        "weights": weights_source,
+        "peak_memory_gb": gb(max(load_peak, train_peak)),
+        "load_peak_memory_gb": gb(load_peak),
+        "train_peak_memory_gb": gb(train_peak),
+        "resident_memory_gb": gb(resident),
+        "steps": len(step_seconds),
+        "step_seconds": [round(s, 4) for s in step_seconds],
+        "tokens_per_second": round(tokens_per_step / statistics.median(steady), 2)
+        if steady
+        else 0.0,
+        "trainable_parameters": trainable,
+        "total_parameters": total_parameters,
+        "peak_growth": peak_growth,
+    }
+
+
+def measure_throughput(spec: dict[str, Any]) -> dict[str, Any]:
+    """GFLOP/s of this backend's (quantized) matmul at the run's dtype and bits."""
+    dtype = getattr(mx, spec.get("dtype", "float32"))
+    bits = int(spec.get("bits", 16))
+    dim, tokens = 512, 256
+    x = mx.random.normal((tokens, dim)).astype(dtype)
+    w = mx.random.normal((dim, dim)).astype(dtype)
+    if bits < 16:
+        wq, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+        mx.eval(x, wq, scales, biases)
+
+        def op() -> mx.array:
+            return mx.quantized_matmul(
+                x, wq, scales, biases, transpose=True, group_size=64, bits=bits
+            )
+    else:
+        mx.eval(x, w)
+
+        def op() -> mx.array:
+            return x @ w.T
+
+    mx.eval(op())
+    runs, started = 0, time.perf_counter()
+    while runs < 3 or time.perf_counter() - started < 0.3:
+        mx.eval(op())
+        runs += 1
+    seconds = (time.perf_counter() - started) / runs
+    return {"gflops": round(2.0 * tokens * dim * dim / seconds / 1e9, 3)}
+
+
+def classify_failure(exc: BaseException) -> str:
+    if isinstance(exc, ProbeOOM | MemoryError):
+        return "oom"
+    return "oom" if _OOM_PATTERNS.search(str(exc)) else "error"
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    _out.write(RESULT_PREFIX + " " + json.dumps(result) + "\n")
+    _out.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device_info:
+        emit_result({"status": "ok", **device_info()})
+        return EXIT_OK
+    try:
+        spec = resolve_spec(args)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+        parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
+    if args.measure_throughput:
+        emit_result({"status": "ok", "backend": backend_name(), **measure_throughput(spec)})
+        return EXIT_OK
+    phase = Phase()
+    info = device_info()
+    base: dict[str, Any] = {
+        "backend": info["backend"],
+        "device_name": str(info.get("device_name", platform.machine())),
+        "mlx_version": str(getattr(mx, "__version__", "?")),
+        "config": {
+            k: spec[k]
+            for k in (
+                "preset",
+                "bits",
+                "group_size",
+                "dtype",
+                "batch_size",
+                "seq_len",
+                "steps",
+                "lora_rank",
+                "lora_layers",
+                "lora_scale",
+                "grad_checkpoint",
+            )
+            if k in spec
+        },
+    }
+    try:
+        measured = run_probe(spec, phase)
+    except Exception as exc:  # every failure becomes a result line, never a bare traceback
+        status = classify_failure(exc)
+        traceback.print_exc(file=sys.stderr)
+        message = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        say(f"{status} in phase {phase.name}: {message}")
+        emit_result(
+            {
+                **base,
+                "status": status,
+                "phase": phase.name,
+                "error": f"{type(exc).__name__}: {message}",
+                "peak_memory_gb": gb(mx.get_peak_memory()),
+                "process_peak_rss_gb": process_peak_rss_gb(),
+            }
+        )
+        return EXIT_OOM if status == "oom" else EXIT_ERROR
+    emit_result(
+        {
+            **base,
+            "status": "ok",
+            "phase": phase.name,
+            **measured,
+            "process_peak_rss_gb": process_peak_rss_gb(),
+        }
+    )
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

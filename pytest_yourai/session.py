@@ -1,0 +1,315 @@
+"""Run-level state of a yourai session: settings, presets, the log, machine memory, results.
+
+One ``YouraiSession`` lives in each pytest process (the controller and every xdist
+worker). Hooks in ``plugin.py`` call into it; it holds no hooks itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from pytest_yourai import __version__
+from pytest_yourai.errors import YouraiUsageError
+from pytest_yourai.estimate import TrainingShape
+from pytest_yourai.eventlog import (
+    BENCHMARK_COMPLETE,
+    BENCHMARK_START,
+    MODEL_START,
+    PREFLIGHT_CHECK,
+    SAFETY_STOP,
+    EventLog,
+    check_log_path,
+)
+from pytest_yourai.memory import MachineMemory, detect_backend, read_machine_memory
+from pytest_yourai.preflight import Preflight, plan, safety_stop_reason
+from pytest_yourai.presets import Preset, builtin_presets, load_presets_file, sort_smallest_first
+from pytest_yourai.runner import ProbeProcess
+from pytest_yourai.settings import Settings
+
+PRESET_ARG = "yourai_preset"
+THROUGHPUT_TIMEOUT_S = 120.0
+PROP_PREFIX = "yourai_"
+
+
+def load_presets(settings: Settings) -> list[Preset]:
+    """Built-in presets plus the presets file, filtered and ordered smallest first."""
+    presets = builtin_presets()
+    if settings.presets_file is not None:
+        extra = load_presets_file(settings.presets_file, settings.source("yourai_presets_file"))
+        presets.update(extra)
+    if settings.preset_names is not None:
+        unknown = [name for name in settings.preset_names if name not in presets]
+        if unknown:
+            raise YouraiUsageError(
+                f"{settings.source('yourai_presets')}: unknown preset(s) {', '.join(unknown)}; "
+                f"known: {', '.join(sorted(presets))}"
+            )
+        presets = {name: presets[name] for name in settings.preset_names}
+    return sort_smallest_first(presets.values())
+
+
+@dataclass
+class ResultRow:
+    """What the controller knows of one benchmark item, from its reports' properties."""
+
+    nodeid: str
+    properties: dict[str, Any] = field(default_factory=dict)
+    outcome: str = ""  # passed | failed | skipped
+    verdict: str = ""
+    longrepr: str = ""
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.properties.get(PROP_PREFIX + name, default)
+
+
+class YouraiSession:
+    def __init__(
+        self, config: pytest.Config, settings: Settings, presets: Sequence[Preset]
+    ) -> None:
+        self.config = config
+        self.settings = settings
+        self.presets = list(presets)
+        self.preset_names = {p.name for p in self.presets}
+        workerinput: dict[str, Any] | None = getattr(config, "workerinput", None)
+        self.is_worker = workerinput is not None
+        self.worker_id = str(workerinput["workerid"]) if workerinput else "main"
+        self.run_id = str((workerinput or {}).get("yourai_run_id") or uuid.uuid4().hex[:12])
+        self.backend = detect_backend()
+        self.log = EventLog(settings.log_path, run_id=self.run_id, worker=self.worker_id)
+        self.started = False
+        self.start_time = time.time()
+        self.results: dict[str, ResultRow] = {}
+        self.safety_stopped: str | None = None
+        self._gflops: dict[str, float] = {}
+        self._machine: MachineMemory | None = None
+
+    @classmethod
+    def from_config(cls, config: pytest.Config, settings: Settings) -> YouraiSession:
+        check_log_path(settings.log_path, settings.source("yourai_log"))
+        return cls(config, settings, load_presets(settings))
+
+    # -- machine -------------------------------------------------------------------------
+
+    def machine(self, fresh: bool = False) -> MachineMemory:
+        if fresh or self._machine is None:
+            self._machine = read_machine_memory(self.backend).capped(self.settings.max_memory_gb)
+        return self._machine
+
+    def header_line(self) -> str:
+        m = self.machine()
+        cap = f" (capped at {m.cap_gb:g} GB)" if m.cap_gb is not None else ""
+        return (
+            f"yourai: log {self.settings.log_path} | backend {m.backend} ({m.device_name}) | "
+            f"total {m.total_gb:.1f} GB, available {m.available_gb:.1f} GB{cap} | "
+            f"force {'on' if self.settings.force else 'off'}"
+            + (" | estimate only" if self.settings.estimate_only else "")
+        )
+
+    # -- run start / complete (controller or single process only) ------------------------
+
+    def write_start(self) -> None:
+        if self.started or self.is_worker:
+            return
+        self.started = True
+        m = self.machine(fresh=True)
+        self.log.write_event(
+            BENCHMARK_START,
+            max_memory_gb=self.settings.max_memory_gb,
+            force_mode=self.settings.force,
+            backend=m.backend,
+            total_gb=round(m.total_gb, 3),
+            available_gb=round(m.available_gb, 3),
+            device_name=m.device_name,
+            safety_gb=self.settings.safety_gb,
+            timeout_s=self.settings.timeout_s,
+            estimate_only=self.settings.estimate_only,
+            config_policy=self.settings.config_policy,
+            presets=[p.name for p in self.presets],
+            plugin_version=__version__,
+            python=sys.version.split()[0],
+        )
+
+    def write_complete(self) -> None:
+        if not self.started or self.is_worker:
+            return
+        rows = list(self.results.values())
+        self.log.write_event(
+            BENCHMARK_COMPLETE,
+            total_tested=sum(1 for r in rows if r.outcome in ("passed", "failed")),
+            passed=sum(1 for r in rows if r.outcome == "passed"),
+            failed=sum(1 for r in rows if r.outcome == "failed"),
+            skipped=sum(1 for r in rows if r.outcome == "skipped"),
+            duration_s=round(time.time() - self.start_time, 3),
+            stopped=self.safety_stopped,
+        )
+
+    def is_benchmark_nodeid(self, nodeid: str) -> bool:
+        """Benchmark items are parametrized with preset names as ids: ``test_x[NAME]``."""
+        return nodeid.endswith("]") and nodeid[nodeid.rfind("[") + 1 : -1] in self.preset_names
+
+    # -- pre-flight (in the process that runs the item) -----------------------------------
+
+    def safety_check(self, item: pytest.Item) -> None:
+        """Stop the whole session before spawning anything when memory is critically low."""
+        machine = self.machine(fresh=True)
+        reason = safety_stop_reason(machine.available_gb, self.settings.safety_gb)
+        if reason is None:
+            return
+        if self.settings.force:
+            item.warn(pytest.PytestWarning(f"{reason} — continuing because of --yourai-force"))
+            return
+        self.safety_stopped = reason
+        self.log.write_event(
+            SAFETY_STOP,
+            reason=reason,
+            available_gb=round(machine.available_gb, 3),
+            threshold_gb=self.settings.safety_gb,
+            preset=item.callspec.params[PRESET_ARG].name if hasattr(item, "callspec") else None,
+        )
+        item.session.shouldstop = reason  # pytest (and xdist) stop after this item
+        preset = item.callspec.params[PRESET_ARG] if hasattr(item, "callspec") else None
+        item.user_properties.extend(
+            [
+                (PROP_PREFIX + "preset", getattr(preset, "name", item.name)),
+                (PROP_PREFIX + "params", getattr(preset, "params", "?")),
+                (PROP_PREFIX + "available_gb", round(machine.available_gb, 3)),
+                (PROP_PREFIX + "verdict", "Stopped"),
+                (PROP_PREFIX + "reason", reason),
+            ]
+        )
+        raise pytest.skip.Exception(reason, _use_item_location=True)
+
+    def preflight(self, item: pytest.Item, preset: Preset) -> Preflight:
+        machine = self.machine()
+        self.log.write_event(
+            MODEL_START,
+            preset=preset.name,
+            model_name=preset.repo,
+            params=preset.params,
+            nodeid=item.nodeid,
+        )
+        result = self._plan(preset, machine, None)
+        if result.decision == "run" and not self.settings.force:
+            gflops = self.throughput(result.shape)
+            if gflops is not None:
+                result = self._plan(preset, machine, gflops)
+        self.log.write_event(
+            PREFLIGHT_CHECK,
+            preset=preset.name,
+            available_gb=round(result.available_gb, 3),
+            estimated_base_gb=round(result.estimate.estimated_base_gb, 3),
+            estimated_conservative_gb=round(result.estimate.estimated_conservative_gb, 3),
+            batch_size=result.config.batch_size,
+            lora_rank=result.config.lora_rank,
+            lora_layers=result.config.lora_layers,
+            seq_len=result.shape.seq_len,
+            bits=result.shape.bits,
+            dtype=result.shape.dtype,
+            backend=result.shape.backend,
+            predicted_seconds=None
+            if result.predicted_seconds is None
+            else round(result.predicted_seconds, 1),
+            decision=result.decision,
+            reason=result.reason,
+        )
+        return result
+
+    def _plan(self, preset: Preset, machine: MachineMemory, gflops: float | None) -> Preflight:
+        return plan(
+            preset,
+            machine.available_gb,
+            machine.backend,
+            policy=self.settings.config_policy,
+            force=self.settings.force,
+            timeout_s=self.settings.timeout_s,
+            gflops=gflops,
+        )
+
+    def throughput(self, shape: TrainingShape) -> float | None:
+        """GFLOP/s of this backend at the run's dtype and bits, measured once and cached.
+
+        None when it cannot be known without spawning (estimate-only) or does not apply
+        (a custom probe command has its own speed).
+        """
+        if self.settings.probe_command is not None:
+            return None
+        key = f"yourai/throughput/{shape.backend}-{shape.dtype}-{shape.bits}bit"
+        if key in self._gflops:
+            return self._gflops[key]
+        cache = getattr(self.config, "cache", None)
+        cached = cache.get(key, None) if cache is not None else None
+        if isinstance(cached, int | float) and cached > 0:
+            self._gflops[key] = float(cached)
+            return float(cached)
+        if self.settings.estimate_only:
+            return None
+        argv = [
+            sys.executable,
+            "-m",
+            "pytest_yourai.probe",
+            "--measure-throughput",
+            "--dtype",
+            shape.dtype,
+            "--bits",
+            str(shape.bits),
+        ]
+        with ProbeProcess(argv, probe_environment(None)) as proc:
+            outcome = proc.wait(THROUGHPUT_TIMEOUT_S)
+        gflops = (outcome.result or {}).get("gflops")
+        if not isinstance(gflops, int | float) or gflops <= 0:
+            return None
+        self._gflops[key] = float(gflops)
+        if cache is not None:
+            cache.set(key, float(gflops))
+        return float(gflops)
+
+    # -- results (controller or single process) -------------------------------------------
+
+    def record(self, report: pytest.TestReport) -> ResultRow | None:
+        props = {k: v for k, v in report.user_properties if str(k).startswith(PROP_PREFIX)}
+        if not props and report.nodeid not in self.results:
+            return None
+        row = self.results.setdefault(report.nodeid, ResultRow(report.nodeid))
+        row.properties.update(props)
+        if report.when == "call" or (report.when == "setup" and not report.passed):
+            row.outcome = report.outcome
+        elif report.when == "teardown" and report.failed:
+            row.outcome = "failed"
+        row.verdict = verdict_for(row, report)
+        if report.failed:
+            row.longrepr = str(report.longrepr)
+        return row
+
+
+def verdict_for(row: ResultRow, report: pytest.TestReport) -> str:
+    explicit = row.get("verdict")
+    if row.outcome == "skipped":
+        if explicit == "Stopped":
+            return "Stopped"
+        return "Estimated" if row.get("estimate_only") else "Skipped"
+    if explicit:
+        return str(explicit)
+    if row.outcome == "passed":
+        return "Pass"
+    if row.outcome == "failed":
+        return "Fail"
+    return row.verdict
+
+
+def probe_environment(spec: dict[str, Any] | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if spec is not None:
+        env["YOURAI_PROBE_SPEC"] = json.dumps(spec)
+    # pytest's own tmp paths and capture settings mean nothing to the probe.
+    env.pop("PYTEST_CURRENT_TEST", None)
+    return env

@@ -1,0 +1,257 @@
+"""Options and ini keys, resolved once with one precedence: command line > ini > default.
+
+Every option defaults to None on the command line so that ini values apply; each
+validation error names where the bad value came from.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_yourai.autoconfig import CONFIG_POLICIES
+from pytest_yourai.errors import YouraiUsageError
+
+DEFAULT_LOG = "benchmark_log.jsonl"
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_SAFETY_GB = 2.0
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    ini: str | None
+    help: str
+    kind: str  # "bool" | "float" | "str" | "path" | "choice" | "list" | "command"
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "--yourai-force",
+        "yourai_force",
+        "run presets even when pre-flight says they do not fit, and below the safety threshold",
+        "bool",
+        False,
+    ),
+    Option(
+        "--yourai-log",
+        "yourai_log",
+        f"append-only JSONL event log (default: {DEFAULT_LOG} in the invocation directory)",
+        "path",
+        DEFAULT_LOG,
+        metavar="PATH",
+    ),
+    Option(
+        "--yourai-presets-file",
+        "yourai_presets_file",
+        "TOML file of extra presets, one [presets.NAME] table each",
+        "path",
+        None,
+        metavar="PATH",
+    ),
+    Option(
+        "--yourai-presets",
+        "yourai_presets",
+        "comma-separated preset names to benchmark (default: all)",
+        "list",
+        None,
+        metavar="NAMES",
+    ),
+    Option(
+        "--yourai-timeout",
+        "yourai_timeout",
+        f"seconds before a probe is killed (default: {DEFAULT_TIMEOUT_S:g})",
+        "float",
+        DEFAULT_TIMEOUT_S,
+        metavar="S",
+    ),
+    Option(
+        "--yourai-safety-gb",
+        "yourai_safety_gb",
+        f"stop the whole run when available memory is below this (default: {DEFAULT_SAFETY_GB:g})",
+        "float",
+        DEFAULT_SAFETY_GB,
+        metavar="GB",
+    ),
+    Option(
+        "--yourai-max-memory",
+        "yourai_max_memory",
+        "count at most this many GB as available (rehearse a smaller machine)",
+        "float",
+        None,
+        metavar="GB",
+    ),
+    Option(
+        "--yourai-probe-command",
+        "yourai_probe_command",
+        "run this command instead of the MLX probe; it gets YOURAI_PROBE_SPEC and must print "
+        "a BENCHMARK_RESULT: {json} line",
+        "command",
+        None,
+        metavar="CMD",
+    ),
+    Option(
+        "--yourai-estimate-only",
+        "yourai_estimate_only",
+        "pre-flight and log every preset, spawn nothing",
+        "bool",
+        False,
+    ),
+    Option(
+        "--yourai-config",
+        "yourai_config",
+        "config policy: seed (the seed's safe-config table) or fit (largest batch, rank, "
+        "layers whose conservative estimate fits)",
+        "choice",
+        "seed",
+        CONFIG_POLICIES,
+        metavar="POLICY",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    force: bool
+    log_path: Path
+    presets_file: Path | None
+    preset_names: tuple[str, ...] | None
+    timeout_s: float
+    safety_gb: float
+    max_memory_gb: float | None
+    probe_command: tuple[str, ...] | None
+    estimate_only: bool
+    config_policy: str
+    # Where each value came from ("--yourai-log", "ini yourai_log", "default"), by dest.
+    sources: dict[str, str]
+
+    def source(self, dest: str) -> str:
+        return self.sources.get(dest, dest)
+
+
+def add_options(parser: pytest.Parser) -> None:
+    group = parser.getgroup("yourai", "yourai: MLX LoRA memory benchmarks")
+    for option in OPTIONS:
+        if option.kind == "bool":
+            group.addoption(
+                option.flag, action="store_true", default=None, dest=option.dest, help=option.help
+            )
+        else:
+            group.addoption(
+                option.flag,
+                action="store",
+                default=None,
+                dest=option.dest,
+                metavar=option.metavar,
+                help=option.help,
+            )
+        if option.ini is not None:
+            parser.addini(
+                option.ini,
+                option.help,
+                type="bool" if option.kind == "bool" else "string",
+                default=None,
+            )
+
+
+def _raw(config: pytest.Config, option: Option) -> tuple[Any, str]:
+    """The option's raw value and where it came from."""
+    value = config.getoption(option.dest, None)
+    if value is not None:
+        return value, option.flag
+    if option.ini is not None:
+        ini_value = config.getini(option.ini)
+        if ini_value not in (None, ""):
+            return ini_value, f"ini {option.ini}"
+    return option.default, "default"
+
+
+def _as_float(value: Any, source: str, *, allow_zero: bool = True) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise YouraiUsageError(f"{source}: expected a number, got {value!r}") from None
+    if math.isnan(number) or math.isinf(number) or number < 0 or (number == 0 and not allow_zero):
+        what = "a non-negative" if allow_zero else "a positive"
+        raise YouraiUsageError(f"{source}: expected {what} number, got {value!r}")
+    return number
+
+
+def _as_bool(value: Any, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise YouraiUsageError(f"{source}: expected true or false, got {value!r}")
+
+
+def resolve(config: pytest.Config) -> Settings:
+    by_dest = {option.dest: option for option in OPTIONS}
+
+    def get(dest: str, convert: Callable[[Any, str], Any]) -> Any:
+        value, source = _raw(config, by_dest[dest])
+        return None if value is None else convert(value, source)
+
+    invocation = Path(config.invocation_params.dir)
+
+    def as_path(value: Any, source: str) -> Path:
+        text = str(value).strip()
+        if not text:
+            raise YouraiUsageError(f"{source}: expected a path, got an empty value")
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else invocation / path
+
+    def as_choice(value: Any, source: str) -> str:
+        text = str(value).strip()
+        if text not in CONFIG_POLICIES:
+            raise YouraiUsageError(
+                f"{source}: unknown config policy {text!r}; "
+                f"expected one of {', '.join(CONFIG_POLICIES)}"
+            )
+        return text
+
+    def as_names(value: Any, source: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in str(value).split(",") if n.strip())
+        if not names:
+            raise YouraiUsageError(f"{source}: expected preset names, got {value!r}")
+        return names
+
+    def as_command(value: Any, source: str) -> tuple[str, ...]:
+        try:
+            argv = tuple(shlex.split(str(value)))
+        except ValueError as exc:
+            raise YouraiUsageError(f"{source}: cannot parse command {value!r}: {exc}") from None
+        if not argv:
+            raise YouraiUsageError(f"{source}: empty command")
+        return argv
+
+    timeout_s = get("yourai_timeout", lambda v, s: _as_float(v, s, allow_zero=False))
+    return Settings(
+        force=bool(get("yourai_force", _as_bool)),
+        log_path=get("yourai_log", as_path),
+        presets_file=get("yourai_presets_file", as_path),
+        preset_names=get("yourai_presets", as_names),
+        timeout_s=timeout_s,
+        safety_gb=get("yourai_safety_gb", _as_float),
+        max_memory_gb=get("yourai_max_memory", lambda v, s: _as_float(v, s, allow_zero=False)),
+        probe_command=get("yourai_probe_command", as_command),
+        estimate_only=bool(get("yourai_estimate_only", _as_bool)),
+        config_policy=get("yourai_config", as_choice),
+        sources={option.dest: _raw(config, option)[1] for option in OPTIONS},
+    )
