@@ -119,7 +119,7 @@ class YouraiHooks:
         return [self.session.header_line()]
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
-        if self.session.is_worker:
+        if self.session.is_worker or session.config.option.collectonly:
             return
         count = sum(
             1

@@ -1,0 +1,159 @@
+"""The estimator: pure, table-tested on properties that any correct estimate must have."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+
+from pytest_yourai.estimate import (
+    TrainingShape,
+    estimate_training_memory,
+    lora_parameter_count,
+    seed_estimate_gb,
+    training_flops,
+    weight_bytes,
+)
+from pytest_yourai.presets import builtin_presets, count_parameters
+
+PRESETS = builtin_presets()
+ARCH_70B = PRESETS["hermes-70b"].architecture
+ARCH_7B = PRESETS["hermes-mistral-7b"].architecture
+BASE = TrainingShape(
+    bits=4, dtype="bfloat16", batch_size=1, seq_len=512, lora_rank=16, lora_layers=8, backend="cuda"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "published_billions"),
+    [
+        ("hermes-mistral-7b", 7.24),
+        ("dolphin-8b", 8.03),
+        ("llama-8b", 8.03),
+        ("r1-distill-14b", 14.77),
+        ("hermes-70b", 70.55),
+    ],
+)
+def test_parameter_counts_match_published_sizes(name: str, published_billions: float) -> None:
+    counted = count_parameters(PRESETS[name].architecture) / 1e9
+    assert counted == pytest.approx(published_billions, rel=0.02)
+
+
+def test_unquantized_weights_are_two_bytes_per_parameter() -> None:
+    params = count_parameters(ARCH_7B)
+    assert weight_bytes(ARCH_7B, 16, 64, "bfloat16") == pytest.approx(params * 2, rel=1e-6)
+
+
+def test_four_bit_weights_pack_to_about_a_quarter_plus_scales() -> None:
+    params = count_parameters(ARCH_7B)
+    four = weight_bytes(ARCH_7B, 4, 64, "bfloat16")
+    # 0.5 byte per weight plus a bf16 scale and bias per 64 weights: 0.5625 bytes.
+    assert four == pytest.approx(params * 0.5625, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"batch_size": 2},
+        {"seq_len": 1024},
+        {"lora_rank": 64},
+        {"lora_layers": 16},
+        {"bits": 8},
+        {"dtype": "float32"},
+    ],
+)
+def test_more_of_anything_needs_more_memory(change: dict[str, object]) -> None:
+    before = estimate_training_memory(ARCH_70B, BASE)
+    after = estimate_training_memory(ARCH_70B, replace(BASE, **change))  # type: ignore[arg-type]
+    assert after.estimated_base_gb > before.estimated_base_gb
+
+
+def test_grad_checkpointing_saves_activations() -> None:
+    shape = replace(BASE, lora_layers=32, seq_len=2048)
+    plain = estimate_training_memory(ARCH_70B, shape)
+    checkpointed = estimate_training_memory(ARCH_70B, replace(shape, grad_checkpoint=True))
+    assert checkpointed.breakdown["activations_gb"] < plain.breakdown["activations_gb"]
+
+
+def test_breakdown_adds_up_and_conservative_is_higher() -> None:
+    estimate = estimate_training_memory(ARCH_7B, BASE)
+    assert sum(estimate.breakdown.values()) == pytest.approx(estimate.estimated_base_gb)
+    assert estimate.estimated_conservative_gb > estimate.estimated_base_gb
+
+
+def test_lora_state_is_sixteen_bytes_per_trainable_parameter() -> None:
+    estimate = estimate_training_memory(ARCH_7B, BASE)
+    trainable = lora_parameter_count(ARCH_7B, BASE.lora_rank, BASE.lora_layers)
+    lora_state = sum(
+        estimate.breakdown[k] for k in ("lora_parameters_gb", "gradients_gb", "optimizer_state_gb")
+    )
+    assert lora_state * 1e9 == pytest.approx(trainable * 16)
+
+
+def test_the_70b_is_far_below_the_seed_formula() -> None:
+    # The seed's 2 + 1.8·P puts a 4-bit 70B at 128 GB; packed weights alone are ~40 GB.
+    estimate = estimate_training_memory(ARCH_70B, BASE)
+    seed_low, _ = seed_estimate_gb(70)
+    assert estimate.estimated_conservative_gb < seed_low
+    assert estimate.breakdown["weights_gb"] > 35
+
+
+def test_seed_formula() -> None:
+    assert seed_estimate_gb(70) == pytest.approx((128.0, 156.0))
+
+
+def test_flops_scale_with_tokens() -> None:
+    one = training_flops(ARCH_7B, replace(BASE, batch_size=1, seq_len=256))
+    two = training_flops(ARCH_7B, replace(BASE, batch_size=2, seq_len=256))
+    assert two == pytest.approx(2 * one)
+
+
+def test_unknown_backend_is_an_error() -> None:
+    with pytest.raises(ValueError, match="backend"):
+        estimate_training_memory(ARCH_7B, replace(BASE, backend="tpu"))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pytest_yourai.estimate", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_cli_json_matches_the_function() -> None:
+    proc = _cli(
+        "--preset",
+        "hermes-70b",
+        "--bits",
+        "4",
+        "--batch-size",
+        "1",
+        "--seq-len",
+        "512",
+        "--lora-rank",
+        "16",
+        "--lora-layers",
+        "8",
+        "--dtype",
+        "bfloat16",
+        "--backend",
+        "cuda",
+        "--json",
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    expected = estimate_training_memory(ARCH_70B, BASE)
+    assert data["estimated_base_gb"] == pytest.approx(expected.estimated_base_gb, abs=1e-3)
+    assert set(data["breakdown"]) == set(expected.breakdown)
+
+
+def test_cli_breakdown_and_errors() -> None:
+    proc = _cli("--preset", "tiny-llama")
+    assert proc.returncode == 0 and "estimated_conservative_gb" in proc.stdout
+    bad = _cli("--preset", "nope")
+    assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
