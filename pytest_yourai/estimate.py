@@ -211,7 +211,7 @@ def training_flops(arch: Mapping[str, Any], shape: TrainingShape) -> float:
 # Seconds a probe spends before its steps run at full speed: Python and MLX import, the
 # build, and the compile of the trainer's step (on CUDA the first step also JIT-compiles
 # kernels, 60-90 s once per process).
-PROBE_STARTUP_S = {"cpu": 15.0, "metal": 20.0, "cuda": 120.0}
+PROBE_STARTUP_S = {"cpu": 8.0, "metal": 20.0, "cuda": 120.0}
 
 
 def predict_probe_seconds(

@@ -528,13 +528,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device_info:
         emit_result({"status": "ok", **device_info()})
         return EXIT_OK
+    if args.measure_throughput:
+        # Needs no model: a matmul at the run's dtype and bits.
+        spec = {"dtype": args.dtype or "float32", "bits": args.bits or 16}
+        emit_result({"status": "ok", "backend": backend_name(), **measure_throughput(spec)})
+        return EXIT_OK
     try:
         spec = resolve_spec(args)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
-    if args.measure_throughput:
-        emit_result({"status": "ok", "backend": backend_name(), **measure_throughput(spec)})
-        return EXIT_OK
     phase = Phase()
     info = device_info()
     base: dict[str, Any] = {

@@ -37,6 +37,8 @@ from pytest_yourai.settings import Settings
 
 PRESET_ARG = "yourai_preset"
 THROUGHPUT_TIMEOUT_S = 120.0
+# Assumed GFLOP/s when the throughput probe fails: slow on purpose.
+FALLBACK_GFLOPS = {"cpu": 0.3, "metal": 200.0, "cuda": 2000.0}
 PROP_PREFIX = "yourai_"
 
 
@@ -266,7 +268,18 @@ class YouraiSession:
             outcome = proc.wait(THROUGHPUT_TIMEOUT_S)
         gflops = (outcome.result or {}).get("gflops")
         if not isinstance(gflops, int | float) or gflops <= 0:
-            return None
+            # Not knowing the speed must not mean "no time limit": assume a slow machine.
+            fallback = FALLBACK_GFLOPS[shape.backend]
+            detail = outcome.result_problem or f"exit code {outcome.exit_code}"
+            self.config.issue_config_time_warning(
+                pytest.PytestWarning(
+                    f"yourai: could not measure {shape.backend} throughput ({detail}); "
+                    f"assuming {fallback:g} GFLOP/s for time estimates"
+                ),
+                stacklevel=2,
+            )
+            self._gflops[key] = fallback
+            return fallback
         self._gflops[key] = float(gflops)
         if cache is not None:
             cache.set(key, float(gflops))

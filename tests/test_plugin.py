@@ -66,6 +66,8 @@ def test_tiny_presets_pass_with_every_event_and_junit(bench: pytest.Pytester) ->
             r for r in records if r["event"] == "subprocess_completed" and r["preset"] == preset
         ]
         assert done["peak_memory_gb"] > 0 and "BENCHMARK_RESULT" in done["stdout_preview"]
+        (check,) = [r for r in records if r["event"] == "preflight_check" and r["preset"] == preset]
+        assert check["predicted_seconds"] < 300 and check["decision"] == "run"
     cases = ET.parse(bench.path / "junit.xml").getroot().iter("testcase")
     for case in cases:
         props = {p.get("name"): p.get("value") for p in case.iter("property")}
@@ -127,6 +129,20 @@ def test_force_runs_what_does_not_fit(bench: pytest.Pytester) -> None:
     )
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*WARNING: Available memory may be insufficient*"])
+
+
+def test_presets_that_would_outlast_the_timeout_are_skipped(bench: pytest.Pytester) -> None:
+    # A 7B on this CPU needs hours per probe; the time check measures throughput once and
+    # skips it instead of letting it run into the timeout.
+    result = bench.runpytest("-k", "hermes-mistral-7b", "--yourai-timeout", "60", "-rs")
+    result.assert_outcomes(skipped=1)
+    result.stdout.fnmatch_lines(
+        ["SKIPPED*hermes-mistral-7b: would take ~* s on cpu (timeout 60 s*"]
+    )
+    records = read_log(bench.path / "benchmark_log.jsonl")
+    (check,) = events(records, "preflight_check")
+    assert check["decision"] == "skip_time" and check["predicted_seconds"] > 60
+    assert not [r for r in records if r["event"].startswith("subprocess_")]
 
 
 def test_estimate_only_spawns_nothing(bench: pytest.Pytester) -> None:
