@@ -9,12 +9,14 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_yourai.eventlog import (
+    SAFETY_KILL,
     SUBPROCESS_COMPLETED,
     SUBPROCESS_FAILED,
     SUBPROCESS_SPAWNED,
     SUBPROCESS_START,
     SUBPROCESS_TIMEOUT,
 )
+from pytest_yourai.memory import MemoryWatchdog
 from pytest_yourai.preflight import Preflight
 from pytest_yourai.runner import ProbeOutcome, ProbeProcess
 from pytest_yourai.session import PROP_PREFIX, YouraiSession, probe_environment
@@ -82,43 +84,102 @@ class YouraiBenchmark:
         """Run the probe; pass with its result, or fail with OOM / Timeout / error."""
         log = self.session.log
         name = self.preset.name
-        timeout_s = self.session.settings.timeout_s
+        timeout_s, limited_by = self.session.probe_deadline(self.item)
         log.write_event(SUBPROCESS_START, preset=name, command=self._argv())
         with ProbeProcess(self._argv(), probe_environment(self.spec)) as proc:
             log.write_event(SUBPROCESS_SPAWNED, preset=name, pid=proc.pid)
+            watchdog = MemoryWatchdog(
+                self.session.backend,
+                self._watchdog_threshold(),
+                self.session.settings.max_memory_gb,
+                proc.tree_rss_bytes,
+            )
             try:
-                outcome = proc.wait(timeout_s)
+                outcome = proc.wait(timeout_s, tick=watchdog)
             except BaseException as exc:
-                # pytest-timeout, KeyboardInterrupt: the tree dies with the context manager;
-                # the log says where the probe was.
+                # pytest-timeout (signal method), KeyboardInterrupt: kill the tree now and
+                # leave the log saying where the probe was.
                 proc.kill_tree()
-                stdout = proc.stdout_tail()
-                phase = phase_from_output(stdout)
-                if "timeout" in f"{type(exc).__name__} {exc}".lower():
-                    log.write_event(
-                        SUBPROCESS_TIMEOUT,
-                        preset=name,
-                        pid=proc.pid,
-                        timeout_s=round(proc.elapsed_s(), 3),
-                        phase=phase,
-                        stdout_preview=_preview(stdout, PREVIEW_CHARS),
-                        source="pytest-timeout",
-                    )
-                    self._prop("verdict", "Timeout")
-                else:
-                    log.write_event(
-                        SUBPROCESS_FAILED,
-                        preset=name,
-                        exit_code=None,
-                        phase=phase,
-                        stderr=_preview(proc.stderr_tail(), STDERR_CHARS),
-                        stdout_preview=_preview(stdout, PREVIEW_CHARS),
-                        reason=f"interrupted: {type(exc).__name__}",
-                    )
+                self._interrupted(proc, exc)
                 raise
-        return self._judge(proc.pid, outcome)
+        self._prop("probe_peak_rss_gb", round(watchdog.peak_rss_gb, 4))
+        if outcome.stopped:
+            self._safety_kill(watchdog, outcome)
+        return self._judge(proc.pid, outcome, timeout_s, limited_by, watchdog)
 
-    def _judge(self, pid: int, outcome: ProbeOutcome) -> dict[str, Any]:
+    def _watchdog_threshold(self) -> float:
+        """The safety threshold, or, for a run forced past the safety stop (it started
+        below the threshold), half of what was available then: forcing accepts a small
+        machine, not one that runs out of memory."""
+        settings = self.session.settings
+        available = self.session.machine(fresh=True).available_gb
+        if settings.force and available < settings.safety_gb:
+            return available / 2
+        return settings.safety_gb
+
+    def _interrupted(self, proc: ProbeProcess, exc: BaseException) -> None:
+        log = self.session.log
+        stdout = proc.stdout_tail()
+        phase = phase_from_output(stdout)
+        elapsed = proc.elapsed_s()
+        if isinstance(exc, pytest.fail.Exception) and str(exc).startswith("Timeout"):
+            log.write_event(
+                SUBPROCESS_TIMEOUT,
+                preset=self.preset.name,
+                pid=proc.pid,
+                timeout_s=round(elapsed, 3),
+                phase=phase,
+                stdout_preview=_preview(stdout, PREVIEW_CHARS),
+                source="pytest-timeout",
+            )
+            self._fail(
+                "Timeout",
+                f"Timeout after {elapsed:.0f} s in phase {phase} (pytest-timeout: {exc})",
+                stdout,
+            )
+        log.write_event(
+            SUBPROCESS_FAILED,
+            preset=self.preset.name,
+            exit_code=None,
+            phase=phase,
+            stderr=_preview(proc.stderr_tail(), STDERR_CHARS),
+            stdout_preview=_preview(stdout, PREVIEW_CHARS),
+            reason=f"interrupted: {type(exc).__name__}",
+        )
+
+    def _safety_kill(self, watchdog: MemoryWatchdog, outcome: ProbeOutcome) -> None:
+        settings = self.session.settings
+        available = watchdog.tripped_available_gb or 0.0
+        stdout = _preview(outcome.stdout_tail, PREVIEW_CHARS)
+        phase = phase_from_output(outcome.stdout_tail)
+        self.session.log.write_event(
+            SAFETY_KILL,
+            preset=self.preset.name,
+            available_gb=round(available, 3),
+            threshold_gb=round(watchdog.threshold_gb, 3),
+            probe_rss_gb=round(watchdog.rss_at_trip_gb, 3),
+            phase=phase,
+            stdout_preview=stdout,
+        )
+        message = (
+            f"Safety kill in phase {phase}: available memory fell to {available:.2f} GB, below "
+            f"the {watchdog.threshold_gb:.3g} GB threshold, while the probe used "
+            f"{watchdog.rss_at_trip_gb:.2f} GB"
+        )
+        if not settings.force:
+            self.session.safety_stopped = message
+            self.item.session.shouldstop = message
+            message += "; the run stops here (--yourai-force keeps going)"
+        self._fail("Killed", message, stdout)
+
+    def _judge(
+        self,
+        pid: int,
+        outcome: ProbeOutcome,
+        timeout_s: float,
+        limited_by: str,
+        watchdog: MemoryWatchdog,
+    ) -> dict[str, Any]:
         log = self.session.log
         name = self.preset.name
         stdout = _preview(outcome.stdout_tail, PREVIEW_CHARS)
@@ -127,17 +188,17 @@ class YouraiBenchmark:
         self._prop("elapsed_s", round(outcome.elapsed_s, 3))
         if outcome.timed_out:
             phase = phase_from_output(outcome.stdout_tail)
-            timeout_s = self.session.settings.timeout_s
             log.write_event(
                 SUBPROCESS_TIMEOUT,
                 preset=name,
                 pid=pid,
-                timeout_s=timeout_s,
+                timeout_s=round(timeout_s, 3),
                 phase=phase,
                 stdout_preview=stdout,
-                source="yourai",
+                source=limited_by,
             )
-            self._fail("Timeout", f"Timeout after {timeout_s:g} s in phase {phase}", stdout)
+            note = "" if limited_by == "yourai" else f" (to stay inside {limited_by})"
+            self._fail("Timeout", f"Timeout after {timeout_s:.3g} s in phase {phase}{note}", stdout)
         if result is not None:
             for key in RESULT_PROPERTIES:
                 value = result.get(key)
@@ -154,6 +215,7 @@ class YouraiBenchmark:
                 peak_memory_gb=peak,
                 train_peak_memory_gb=(result or {}).get("train_peak_memory_gb"),
                 elapsed_s=round(outcome.elapsed_s, 3),
+                probe_peak_rss_gb=round(watchdog.peak_rss_gb, 4),
                 stdout_preview=stdout,
             )
             self._prop("verdict", "Pass")

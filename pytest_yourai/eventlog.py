@@ -26,6 +26,7 @@ SUBPROCESS_COMPLETED: Final = "subprocess_completed"
 SUBPROCESS_TIMEOUT: Final = "subprocess_timeout"
 SUBPROCESS_FAILED: Final = "subprocess_failed"
 SAFETY_STOP: Final = "safety_stop"
+SAFETY_KILL: Final = "safety_kill"
 BENCHMARK_COMPLETE: Final = "benchmark_complete"
 
 EVENTS: Final = (
@@ -38,6 +39,7 @@ EVENTS: Final = (
     SUBPROCESS_TIMEOUT,
     SUBPROCESS_FAILED,
     SAFETY_STOP,
+    SAFETY_KILL,
     BENCHMARK_COMPLETE,
 )
 
@@ -60,6 +62,7 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     SUBPROCESS_TIMEOUT: ("preset", "pid", "timeout_s", "stdout_preview"),
     SUBPROCESS_FAILED: ("preset", "exit_code", "stderr", "stdout_preview"),
     SAFETY_STOP: ("reason", "available_gb", "threshold_gb"),
+    SAFETY_KILL: ("preset", "available_gb", "threshold_gb", "probe_rss_gb"),
     BENCHMARK_COMPLETE: ("total_tested", "passed", "failed", "skipped"),
 }
 

@@ -12,6 +12,7 @@ import platform
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import psutil
@@ -123,3 +124,57 @@ def read_machine_memory(backend: str | None = None) -> MachineMemory:
 def available_gb(backend: str) -> float:
     """A fresh reading of available memory, for checks during the run."""
     return read_machine_memory(backend).available_gb
+
+
+class MemoryWatchdog:
+    """Samples available memory while a probe runs; trips below the safety threshold.
+
+    Called every 100 ms by the runner's poll loop. On CUDA the device's free memory is
+    read too, once a second (nvidia-smi is slower than psutil). With a ``cap_gb``
+    (``--yourai-max-memory``) the rehearsed machine has ``cap - probe RSS`` available.
+    """
+
+    GPU_EVERY = 10
+
+    def __init__(
+        self,
+        backend: str,
+        threshold_gb: float,
+        cap_gb: float | None,
+        probe_rss_bytes: Callable[[], int],
+    ) -> None:
+        self.backend = backend
+        self.threshold_gb = threshold_gb
+        self.cap_gb = cap_gb
+        self.probe_rss_bytes = probe_rss_bytes
+        self.peak_rss_gb = 0.0
+        self.min_available_gb = float("inf")
+        self.tripped_available_gb: float | None = None
+        self.rss_at_trip_gb = 0.0
+        self._ticks = 0
+        self._gpu_free_gb: float | None = None
+
+    def available_now(self, rss_gb: float) -> float:
+        available = psutil.virtual_memory().available / GB
+        if self.backend == "cuda":
+            if self._ticks % self.GPU_EVERY == 0:
+                cuda = _cuda_memory()
+                self._gpu_free_gb = cuda.available_gb if cuda is not None else None
+            if self._gpu_free_gb is not None:
+                available = min(available, self._gpu_free_gb)
+        if self.cap_gb is not None:
+            available = min(available, self.cap_gb - rss_gb)
+        return available
+
+    def __call__(self) -> bool:
+        """One sample; True means: kill the probe now."""
+        rss_gb = self.probe_rss_bytes() / GB
+        self.peak_rss_gb = max(self.peak_rss_gb, rss_gb)
+        available = self.available_now(rss_gb)
+        self._ticks += 1
+        self.min_available_gb = min(self.min_available_gb, available)
+        if available < self.threshold_gb:
+            self.tripped_available_gb = available
+            self.rss_at_trip_gb = rss_gb
+            return True
+        return False

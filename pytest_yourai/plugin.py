@@ -5,6 +5,7 @@ Hooks only; the work is done by ``session.YouraiSession`` and the modules it use
 
 from __future__ import annotations
 
+import time
 from collections.abc import Generator
 from typing import Any
 
@@ -15,7 +16,13 @@ from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.preflight import RUN, Preflight
 from pytest_yourai.presets import Preset
 from pytest_yourai.report import item_lines, recommendation, summary_table
-from pytest_yourai.session import PRESET_ARG, PROP_PREFIX, YouraiSession
+from pytest_yourai.session import (
+    CALL_START_KEY,
+    PRESET_ARG,
+    PROP_PREFIX,
+    PROTOCOL_START_KEY,
+    YouraiSession,
+)
 from pytest_yourai.settings import add_options, resolve
 
 SESSION_KEY = pytest.StashKey[YouraiSession]()
@@ -129,6 +136,15 @@ class YouraiHooks:
         self.benchmark_items = count
         if count:
             self.session.write_start()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_protocol(self, item: pytest.Item) -> None:
+        # pytest-timeout's clock starts about here; the probe's deadline is measured from it.
+        item.stash[PROTOCOL_START_KEY] = time.monotonic()
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_runtest_call(self, item: pytest.Item) -> None:
+        item.stash[CALL_START_KEY] = time.monotonic()
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item: pytest.Item) -> None:

@@ -1,4 +1,15 @@
-"""Spawn the probe in its own process group, poll it every 100 ms, and kill its whole tree.
+"""Spawn the probe under a supervisor, poll it every 100 ms, and kill its whole tree.
+
+Process tree::
+
+    pytest ── supervisor (python -m pytest_yourai.runner, its own session) ── probe ── …
+
+The supervisor leads a new session and process group, and on Linux is a child
+subreaper, so every descendant of the probe stays in reach. It kills the whole tree
+(SIGTERM, then SIGKILL after a grace period) when it is told to stop, when its parent
+dies (PR_SET_PDEATHSIG on Linux, a parent-pid check every 100 ms everywhere), or when
+the probe exits and leaves children behind. So no probe outlives pytest, even when
+pytest is SIGKILLed or pytest-timeout's thread method ends it with os._exit.
 
 The probe's stdout and stderr are drained by reader threads into bounded tails, so a
 probe that floods its output can never block on a full pipe, and memory stays bounded.
@@ -20,9 +31,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import IO, Any
 
+import psutil
+
 RESULT_PREFIX = "BENCHMARK_RESULT:"
 POLL_INTERVAL_S = 0.1
 TERM_GRACE_S = 1.0
+SUPERVISOR_GRACE_S = 0.5  # shorter than TERM_GRACE_S: the supervisor finishes first
 TAIL_BYTES = 64 * 1024
 MAX_LINE_BYTES = 1024 * 1024
 
@@ -88,6 +102,7 @@ class ProbeOutcome:
 
     exit_code: int | None
     timed_out: bool
+    stopped: bool  # killed because the caller's tick asked (the memory watchdog)
     elapsed_s: float
     stdout_tail: str
     stderr_tail: str
@@ -115,18 +130,25 @@ def parse_result_line(line: str | None) -> tuple[dict[str, Any] | None, str | No
     return value, None
 
 
-def _linux_parent_death_signal() -> Callable[[], None] | None:
-    """A preexec hook that kills the probe if pytest dies without cleaning up (Linux)."""
+_PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def _prctl(option: int, value: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _parent_death_signal(sig: int) -> Callable[[], None] | None:
+    """A preexec hook: the child gets ``sig`` when the thread that spawned it dies (Linux)."""
     if not sys.platform.startswith("linux"):
         return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return None
-    pr_set_pdeathsig = 1
 
     def set_pdeathsig() -> None:
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        _prctl(_PR_SET_PDEATHSIG, sig)
 
     return set_pdeathsig
 
@@ -138,14 +160,14 @@ class ProbeProcess:
         self.argv = list(argv)
         self._started = time.monotonic()
         self.popen = subprocess.Popen(
-            self.argv,
+            [sys.executable, "-m", "pytest_yourai.runner", "--", *self.argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
-            preexec_fn=_linux_parent_death_signal(),
+            preexec_fn=_parent_death_signal(signal.SIGTERM),
         )
         self.pid = self.popen.pid
         assert self.popen.stdout is not None and self.popen.stderr is not None
@@ -194,25 +216,125 @@ class ProbeProcess:
         except (ProcessLookupError, PermissionError):
             pass
 
-    def wait(self, timeout_s: float, tick: Callable[[], None] | None = None) -> ProbeOutcome:
-        """Poll every 100 ms until the probe exits or ``timeout_s`` passes."""
-        timed_out = False
+    def tree_rss_bytes(self) -> int:
+        """Resident memory of the supervisor, the probe and all their descendants."""
+        try:
+            root = psutil.Process(self.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for process in processes:
+            try:
+                total += process.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def wait(self, timeout_s: float, tick: Callable[[], bool] | None = None) -> ProbeOutcome:
+        """Poll every 100 ms until the probe exits, ``timeout_s`` passes, or ``tick``
+        (called at each poll) returns True to stop it."""
+        timed_out = stopped = False
         while self.popen.poll() is None:
             if self.elapsed_s() >= timeout_s:
                 timed_out = True
                 break
-            if tick is not None:
-                tick()
+            if tick is not None and tick():
+                stopped = True
+                break
             time.sleep(POLL_INTERVAL_S)
         elapsed = self.elapsed_s()
         self.kill_tree()
         result, problem = parse_result_line(self._stdout.result_line)
         return ProbeOutcome(
-            exit_code=None if timed_out else self.popen.returncode,
+            exit_code=None if timed_out or stopped else self.popen.returncode,
             timed_out=timed_out,
+            stopped=stopped,
             elapsed_s=elapsed,
             stdout_tail=self.stdout_tail(),
             stderr_tail=self.stderr_tail(),
             result=result,
             result_problem=problem,
         )
+
+
+# -- the supervisor: ``python -m pytest_yourai.runner -- ARGV`` ---------------------------
+
+
+def _descendants() -> list[psutil.Process]:
+    """Every process below us, plus any left in our process group."""
+    me = os.getpid()
+    found: dict[int, psutil.Process] = {}
+    try:
+        for child in psutil.Process(me).children(recursive=True):
+            found[child.pid] = child
+    except psutil.Error:
+        pass
+    group = os.getpgid(0)
+    for pid in psutil.pids():
+        if pid == me or pid in found:
+            continue
+        try:
+            if os.getpgid(pid) == group:
+                found[pid] = psutil.Process(pid)
+        except (OSError, psutil.Error):
+            pass
+    return list(found.values())
+
+
+def _kill_descendants(grace_s: float) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        processes = _descendants()
+        if not processes:
+            return
+        for process in processes:
+            try:
+                process.send_signal(sig)
+            except psutil.Error:
+                pass
+        if sig == signal.SIGTERM:
+            psutil.wait_procs(processes, timeout=grace_s)
+    psutil.wait_procs(_descendants(), timeout=1.0)
+
+
+def supervise(argv: Sequence[str]) -> int:
+    """Run ``argv`` and make sure nothing it starts outlives it, us, or our parent."""
+    parent = os.getppid()
+    _prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    stop_requested: list[int] = []
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stop_requested.append(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, request_stop)
+    try:
+        child = subprocess.Popen(list(argv), preexec_fn=_parent_death_signal(signal.SIGKILL))
+    except OSError as exc:
+        sys.stderr.write(f"pytest_yourai.runner: cannot run {argv[0]!r}: {exc.strerror}\n")
+        return 127
+    while child.poll() is None and not stop_requested and os.getppid() == parent:
+        time.sleep(POLL_INTERVAL_S)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    _kill_descendants(SUPERVISOR_GRACE_S)
+    code = child.wait()
+    if code < 0:
+        # Die of the same signal, so the runner sees how the probe died.
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        sys.stderr.write("usage: python -m pytest_yourai.runner -- COMMAND [ARG ...]\n")
+        return 2
+    return supervise(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -36,6 +36,9 @@ from pytest_yourai.runner import ProbeProcess
 from pytest_yourai.settings import Settings
 
 PRESET_ARG = "yourai_preset"
+PROTOCOL_START_KEY = pytest.StashKey[float]()
+CALL_START_KEY = pytest.StashKey[float]()
+PYTEST_TIMEOUT_MARGIN_S = 1.0
 THROUGHPUT_TIMEOUT_S = 120.0
 # Assumed GFLOP/s when the throughput probe fails: slow on purpose.
 FALLBACK_GFLOPS = {"cpu": 0.3, "metal": 200.0, "cuda": 2000.0}
@@ -285,6 +288,29 @@ class YouraiSession:
             cache.set(key, float(gflops))
         return float(gflops)
 
+    # -- time limits -------------------------------------------------------------------------
+
+    def probe_deadline(self, item: pytest.Item) -> tuple[float, str]:
+        """Seconds the probe may run, and what limits it.
+
+        ``--yourai-timeout`` normally. When pytest-timeout would end the test sooner, the
+        probe's deadline moves to a second before pytest-timeout's, so the plugin's own
+        timeout fires first: the probe tree is killed, subprocess_timeout is logged with
+        the output so far, and the test fails with the phase. pytest-timeout stays the
+        backstop (its thread method ends pytest; the supervisor then kills the tree).
+        """
+        ours = self.settings.timeout_s
+        pytest_timeout = pytest_timeout_settings(item)
+        if pytest_timeout is None:
+            return ours, "yourai"
+        seconds, func_only = pytest_timeout
+        started = item.stash.get(CALL_START_KEY if func_only else PROTOCOL_START_KEY, None)
+        used = time.monotonic() - started if started is not None else 0.0
+        remaining = seconds - used - PYTEST_TIMEOUT_MARGIN_S
+        if remaining < ours:
+            return max(remaining, 0.1), f"pytest-timeout's {seconds:g} s"
+        return ours, "yourai"
+
     # -- results (controller or single process) -------------------------------------------
 
     def record(self, report: pytest.TestReport) -> ResultRow | None:
@@ -316,6 +342,22 @@ def verdict_for(row: ResultRow, report: pytest.TestReport) -> str:
     if row.outcome == "failed":
         return "Fail"
     return row.verdict
+
+
+def pytest_timeout_settings(item: pytest.Item) -> tuple[float, bool] | None:
+    """(timeout seconds, func_only) that pytest-timeout applies to ``item``, if any."""
+    if not item.config.pluginmanager.hasplugin("timeout"):
+        return None
+    try:
+        from pytest_timeout import _get_item_settings
+
+        settings = _get_item_settings(item)
+    except Exception:  # a pytest-timeout without this helper: no interplay
+        return None
+    timeout = getattr(settings, "timeout", None)
+    if not timeout or timeout <= 0:
+        return None
+    return float(timeout), bool(getattr(settings, "func_only", False))
 
 
 def probe_environment(spec: dict[str, Any] | None) -> dict[str, str]:

@@ -1,43 +1,12 @@
-"""Helpers for the plugin's own tests: a benchmark test file, fake probes, the log."""
+"""Fixtures for the plugin's own tests, and the fault suite's summary line."""
 
 from __future__ import annotations
 
-import json
-import sys
-import textwrap
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-BENCHMARK_TEST = textwrap.dedent(
-    """
-    def test_lora_memory(yourai_benchmark):
-        result = yourai_benchmark.run()
-        assert result["status"] == "ok"
-    """
-)
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Every line of the log must parse on its own."""
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def events(records: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [r for r in records if r["event"] == name]
-
-
-def write_fake_probe(directory: Path, body: str, name: str = "fake_probe.py") -> str:
-    """A probe command: Python code that can read the spec and print a result line."""
-    script = directory / name
-    script.write_text(
-        "import json, os, sys, time, signal\n"
-        "spec = json.loads(os.environ['YOURAI_PROBE_SPEC'])\n"
-        "def result(**kw):\n"
-        "    print('BENCHMARK_RESULT: ' + json.dumps(kw), flush=True)\n" + textwrap.dedent(body)
-    )
-    return f"{sys.executable} {script}"
+from tests.helpers import BENCHMARK_TEST, FAULT_LEDGER
 
 
 @pytest.fixture
@@ -47,9 +16,10 @@ def bench(pytester: pytest.Pytester) -> pytest.Pytester:
     return pytester
 
 
-OK_PROBE = """
-print("building block 1/1", flush=True)
-print("step 1/1 loss=1.0", flush=True)
-result(status="ok", phase="done", peak_memory_gb=0.5, train_peak_memory_gb=0.5,
-       backend=spec["backend"], preset=spec["preset"])
-"""
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if FAULT_LEDGER["faults"]:
+        terminalreporter.write_line(
+            f"fault suite: {FAULT_LEDGER['faults']} faults tried, "
+            f"{FAULT_LEDGER['log_lines']} log lines checked, "
+            f"{FAULT_LEDGER['orphans']} orphans found"
+        )

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from pytest_yourai.eventlog import EVENTS
-from tests.conftest import OK_PROBE, events, read_log, write_fake_probe
+from tests.helpers import OK_PROBE, events, read_log, write_fake_probe
 
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestWarning")
 
