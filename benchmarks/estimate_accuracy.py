@@ -1,0 +1,193 @@
+"""Run the probe on a grid of configs and compare the estimator with what it measures.
+
+    python benchmarks/estimate_accuracy.py run benchmarks/grids/accuracy_cpu.jsonl \
+        --out benchmarks/results/accuracy-cpu.jsonl
+    python benchmarks/estimate_accuracy.py report benchmarks/results/*.jsonl
+
+``run`` spawns ``python -m pytest_yourai.probe`` once per grid line (each in its own process,
+under the plugin's supervisor and timeout) and appends one JSON line per run to ``--out``:
+the grid entry, the probe's exact command line, its BENCHMARK_RESULT and the machine.
+
+``report`` recomputes the estimate of every measured run with the current estimator and
+prints, per backend: the median and max absolute % error of estimated_base_gb against the
+measured train_peak_memory_gb, how often estimated_conservative_gb falls below the measured
+peak, and the seed formula's (2 + 1.8·P, 2 + 2.2·P GB) figures on the same runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+from pytest_yourai.estimate import TrainingShape, estimate_training_memory, seed_estimate_gb
+from pytest_yourai.presets import builtin_presets, count_parameters
+from pytest_yourai.runner import ProbeProcess
+
+HERE = Path(__file__).resolve().parent
+RUN_FIELDS = (
+    "bits",
+    "group_size",
+    "dtype",
+    "batch_size",
+    "seq_len",
+    "lora_rank",
+    "lora_layers",
+    "steps",
+)
+
+
+def architecture(entry: dict[str, Any]) -> dict[str, Any]:
+    if "preset" in entry:
+        return dict(builtin_presets()[entry["preset"]].architecture)
+    return dict(json.loads((HERE / entry["config"]).read_text()))
+
+
+def entry_name(entry: dict[str, Any]) -> str:
+    return str(entry.get("preset") or Path(entry["config"]).stem)
+
+
+def probe_argv(entry: dict[str, Any]) -> list[str]:
+    argv = [sys.executable, "-m", "pytest_yourai.probe"]
+    if "preset" in entry:
+        argv += ["--preset", entry["preset"]]
+    else:
+        argv += ["--config", str(HERE / entry["config"])]
+    for key in RUN_FIELDS:
+        if key in entry:
+            argv += ["--" + key.replace("_", "-"), str(entry[key])]
+    if entry.get("grad_checkpoint"):
+        argv.append("--grad-checkpoint")
+    return argv
+
+
+def run(grid: Path, out: Path, timeout_s: float) -> int:
+    entries = [json.loads(line) for line in grid.read_text().splitlines() if line.strip()]
+    failures = 0
+    for index, entry in enumerate(entries, start=1):
+        argv = probe_argv(entry)
+        shown = " ".join(shlex.quote(a) for a in ["python", *argv[1:]]).replace(
+            str(HERE) + "/", "benchmarks/"
+        )
+        print(f"[{index}/{len(entries)}] {shown}", flush=True)
+        env = {k: v for k, v in os.environ.items() if k != "YOURAI_PROBE_SPEC"}
+        with ProbeProcess(argv, env) as proc:
+            outcome = proc.wait(timeout_s)
+        result = outcome.result or {
+            "status": "timeout" if outcome.timed_out else "error",
+            "error": outcome.result_problem,
+            "stdout_tail": outcome.stdout_tail[-1500:],
+            "stderr_tail": outcome.stderr_tail[-1500:],
+        }
+        if result.get("status") != "ok":
+            failures += 1
+        record = {
+            "name": entry_name(entry),
+            "grid": entry,
+            "command": shown,
+            "elapsed_s": round(outcome.elapsed_s, 1),
+            "result": result,
+            "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        }
+        with open(out, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+        peak = result.get("train_peak_memory_gb")
+        print(
+            f"    -> {result.get('status')} train_peak={peak} GB in {outcome.elapsed_s:.0f} s",
+            flush=True,
+        )
+    return 1 if failures else 0
+
+
+def shape_of(record: dict[str, Any]) -> TrainingShape:
+    config = record["result"]["config"]
+    return TrainingShape(
+        bits=int(config["bits"]),
+        group_size=int(config.get("group_size", 64)),
+        dtype=str(config["dtype"]),
+        batch_size=int(config["batch_size"]),
+        seq_len=int(config["seq_len"]),
+        lora_rank=int(config["lora_rank"]),
+        lora_layers=int(config["lora_layers"]),
+        grad_checkpoint=bool(config.get("grad_checkpoint", False)),
+        backend=str(record["result"]["backend"]),
+    )
+
+
+def report(paths: list[Path]) -> int:
+    records = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if record["result"].get("status") == "ok":
+                    records.append(record)
+    by_backend: dict[str, list[tuple[float, float, float, float, float, str]]] = {}
+    print(
+        f"{'run':<44} {'backend':<7} {'measured':>9} {'base':>8} {'err%':>7} "
+        f"{'cons':>8} {'seed':>13}"
+    )
+    for record in records:
+        arch = architecture(record["grid"])
+        shape = shape_of(record)
+        estimate = estimate_training_memory(arch, shape)
+        measured = float(record["result"]["train_peak_memory_gb"])
+        seed_low, seed_high = seed_estimate_gb(count_parameters(arch) / 1e9)
+        error = (estimate.estimated_base_gb - measured) / measured * 100
+        label = (
+            f"{record['name']} b{shape.batch_size} s{shape.seq_len} r{shape.lora_rank} "
+            f"l{shape.lora_layers} {shape.bits}bit{' gc' if shape.grad_checkpoint else ''}"
+        )
+        print(
+            f"{label:<44} {shape.backend:<7} {measured:>9.3f} {estimate.estimated_base_gb:>8.3f} "
+            f"{error:>+7.1f} {estimate.estimated_conservative_gb:>8.3f} "
+            f"{seed_low:>6.1f}-{seed_high:<6.1f}"
+        )
+        by_backend.setdefault(shape.backend, []).append(
+            (
+                measured,
+                estimate.estimated_base_gb,
+                estimate.estimated_conservative_gb,
+                seed_low,
+                seed_high,
+                label,
+            )
+        )
+    for backend, rows in sorted(by_backend.items()):
+        errors = [abs(b - m) / m * 100 for m, b, *_ in rows]
+        under = sum(1 for m, _, c, *_ in rows if c < m)
+        seed_errors = [abs(lo - m) / m * 100 for m, _, _, lo, _, _ in rows]
+        seed_under = sum(1 for m, *_, hi, _ in rows if hi < m)
+        print(
+            f"\n{backend}: {len(rows)} runs | estimator: "
+            f"median |err| {statistics.median(errors):.1f}%, "
+            f"max {max(errors):.1f}%, conservative below measured {under}/{len(rows)} | "
+            f"seed formula: median |err| {statistics.median(seed_errors):.1f}%, "
+            f"max {max(seed_errors):.1f}%, conservative below measured {seed_under}/{len(rows)}"
+        )
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run_p = sub.add_parser("run", help="probe every grid line, append results")
+    run_p.add_argument("grid", type=Path)
+    run_p.add_argument("--out", type=Path, required=True)
+    run_p.add_argument("--timeout", type=float, default=900.0)
+    report_p = sub.add_parser("report", help="estimator vs measured, per backend")
+    report_p.add_argument("results", type=Path, nargs="+")
+    args = parser.parse_args()
+    if args.command == "run":
+        return run(args.grid, args.out, args.timeout)
+    return report(args.results)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
