@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the matmul throughput of this backend (GFLOP/s) and exit",
     )
     p.add_argument("--device-info", action="store_true", help="print mx.device_info() and exit")
+    p.add_argument(
+        "--count-only",
+        action="store_true",
+        help="build the model lazily and report its parameter count; no training",
+    )
     return p
 
 
@@ -259,8 +264,13 @@ def local_weights(spec: dict[str, Any]) -> Path | None:
     return None
 
 
-def build_model(spec: dict[str, Any], cap: MemoryCap) -> tuple[nn.Module, str]:
-    """The model with the target dtype and quantization; returns (model, weights source)."""
+def build_model(
+    spec: dict[str, Any], cap: MemoryCap, evaluate: bool = True
+) -> tuple[nn.Module, str]:
+    """The model with the target dtype and quantization; returns (model, weights source).
+
+    With ``evaluate=False`` nothing is computed: parameters stay lazy, which is enough to
+    count them for a model far larger than this machine."""
     dtype = getattr(mx, spec["dtype"])
     bits, group_size = int(spec["bits"]), int(spec["group_size"])
     path = local_weights(spec)
@@ -295,8 +305,9 @@ def build_model(spec: dict[str, Any], cap: MemoryCap) -> tuple[nn.Module, str]:
                 bits=bits,
                 class_predicate=_quantize_predicate(group_size),
             )
-        mx.eval(block.parameters())
-        cap.check(mx.get_peak_memory())
+        if evaluate:
+            mx.eval(block.parameters())
+            cap.check(mx.get_peak_memory())
         if index == 1 or index == total or index % max(1, total // 10) == 0:
             say(f"building block {index}/{total}")
     # Then the embeddings and the head (already-quantized blocks are left as they are).
@@ -305,8 +316,9 @@ def build_model(spec: dict[str, Any], cap: MemoryCap) -> tuple[nn.Module, str]:
         nn.quantize(
             model, group_size=group_size, bits=bits, class_predicate=_quantize_predicate(group_size)
         )
-    mx.eval(model.parameters())
-    cap.check(mx.get_peak_memory())
+    if evaluate:
+        mx.eval(model.parameters())
+        cap.check(mx.get_peak_memory())
     return model, "synthetic"
 
 
@@ -527,6 +539,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device_info:
         emit_result({"status": "ok", **device_info()})
+        return EXIT_OK
+    if args.count_only:
+        try:
+            spec = resolve_spec(args)
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
+            parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
+        model, _ = build_model({**spec, "weights": "synthetic"}, MemoryCap(None), evaluate=False)
+        emit_result({"status": "ok", "preset": spec.get("preset"),
+                     "total_parameters": count_parameters(model)})
         return EXIT_OK
     if args.measure_throughput:
         # Needs no model: a matmul at the run's dtype and bits.

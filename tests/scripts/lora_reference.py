@@ -21,7 +21,7 @@ from mlx.utils import tree_flatten
 
 def make_model_dir(config: dict[str, object], directory: Path) -> None:
     from mlx_lm.utils import _get_classes
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     directory.mkdir(parents=True, exist_ok=True)
     model_class, args_class = _get_classes(config)
@@ -29,30 +29,36 @@ def make_model_dir(config: dict[str, object], directory: Path) -> None:
     weights = dict(tree_flatten(model.parameters()))
     mx.save_safetensors(str(directory / "model.safetensors"), weights)
     (directory / "config.json").write_text(json.dumps(config))
-    vocab_size = int(config["vocab_size"])  # type: ignore[call-overload]
-    vocab = {"<unk>": 0, "</s>": 1, **{f"w{i}": i for i in range(2, vocab_size)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # A byte-level BPE (what transformers builds for qwen2 and others from tokenizer.json,
+    # whatever tokenizer_class says), trained so that each word "a" is one token.
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(["a a a a b b c"] * 20, trainer)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(
         json.dumps(
             {
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "eos_token": "</s>",
-                "unk_token": "<unk>",
                 "model_max_length": 4096,
             }
         )
     )
 
 
-def make_data(directory: Path, words: int, rows: int, vocab_size: int) -> None:
+def make_data(directory: Path, words: int, rows: int) -> None:
+    """Rows of exactly ``words`` tokens ("a a a …"); mlx-lm appends the EOS."""
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("train", "valid"):
         with open(directory / f"{name}.jsonl", "w") as handle:
-            for r in range(rows):
-                text = " ".join(f"w{2 + (r * 7 + i) % (vocab_size - 2)}" for i in range(words))
-                handle.write(json.dumps({"text": text}) + "\n")
+            for _ in range(rows):
+                handle.write(json.dumps({"text": " ".join(["a"] * words)}) + "\n")
 
 
 def main() -> int:
@@ -69,7 +75,11 @@ def main() -> int:
     model_dir, data_dir = args.workdir / "model", args.workdir / "data"
     make_model_dir(config, model_dir)
     # seq_len inputs = seq_len tokens + the EOS mlx-lm appends, padded to 1 + 32·k.
-    make_data(data_dir, args.seq_len - 1, max(8, args.batch_size * 2), int(config["vocab_size"]))
+    make_data(data_dir, args.seq_len - 1, max(8, args.batch_size * 2))
+    from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+    length = len(load_tokenizer(model_dir).encode(" ".join(["a"] * (args.seq_len - 1))))
+    assert length == args.seq_len - 1, f"tokenizer gives {length} tokens, not {args.seq_len - 1}"
 
     import mlx_lm.lora as lora
 
