@@ -546,8 +546,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
             parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
         model, _ = build_model({**spec, "weights": "synthetic"}, MemoryCap(None), evaluate=False)
-        emit_result({"status": "ok", "preset": spec.get("preset"),
-                     "total_parameters": count_parameters(model)})
+        emit_result(
+            {
+                "status": "ok",
+                "preset": spec.get("preset"),
+                "total_parameters": count_parameters(model),
+            }
+        )
         return EXIT_OK
     if args.measure_throughput:
         # Needs no model: a matmul at the run's dtype and bits.
