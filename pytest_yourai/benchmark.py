@@ -82,9 +82,16 @@ class YouraiBenchmark:
 
     def run(self) -> dict[str, Any]:
         """Run the probe; pass with its result, or fail with OOM / Timeout / error."""
-        log = self.session.log
         name = self.preset.name
         timeout_s, limited_by = self.session.probe_deadline(self.item)
+        admission = self.session.admit(self.preflight, f"{self.session.run_id}:{self.item.nodeid}")
+        try:
+            return self._run_admitted(name, timeout_s, limited_by)
+        finally:
+            self.session.ledger.release(admission.key)
+
+    def _run_admitted(self, name: str, timeout_s: float, limited_by: str) -> dict[str, Any]:
+        log = self.session.log
         log.write_event(SUBPROCESS_START, preset=name, command=self._argv())
         with ProbeProcess(self._argv(), probe_environment(self.spec)) as proc:
             log.write_event(SUBPROCESS_SPAWNED, preset=name, pid=proc.pid)

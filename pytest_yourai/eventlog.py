@@ -27,12 +27,16 @@ SUBPROCESS_TIMEOUT: Final = "subprocess_timeout"
 SUBPROCESS_FAILED: Final = "subprocess_failed"
 SAFETY_STOP: Final = "safety_stop"
 SAFETY_KILL: Final = "safety_kill"
+PROBE_WAITING: Final = "probe_waiting"
+PROBE_ADMITTED: Final = "probe_admitted"
 BENCHMARK_COMPLETE: Final = "benchmark_complete"
 
 EVENTS: Final = (
     BENCHMARK_START,
     MODEL_START,
     PREFLIGHT_CHECK,
+    PROBE_WAITING,
+    PROBE_ADMITTED,
     SUBPROCESS_START,
     SUBPROCESS_SPAWNED,
     SUBPROCESS_COMPLETED,
@@ -56,6 +60,8 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
         "lora_rank",
         "lora_layers",
     ),
+    PROBE_WAITING: ("preset", "needed_gb", "reserved_gb", "budget_gb"),
+    PROBE_ADMITTED: ("preset", "reserved_gb", "total_reserved_gb", "budget_gb", "waited_s"),
     SUBPROCESS_START: ("preset",),
     SUBPROCESS_SPAWNED: ("preset", "pid"),
     SUBPROCESS_COMPLETED: ("preset", "exit_code", "peak_memory_gb", "stdout_preview"),

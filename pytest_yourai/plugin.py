@@ -85,7 +85,9 @@ def yourai_benchmark(request: pytest.FixtureRequest, yourai_preset: Preset) -> Y
     )
 
 
-def _properties(preflight: Preflight, estimate_only: bool) -> list[tuple[str, Any]]:
+def _properties(
+    preflight: Preflight, estimate_only: bool, host: str, worker: str
+) -> list[tuple[str, Any]]:
     e, c, s = preflight.estimate, preflight.config, preflight.shape
     values: dict[str, Any] = {
         "preset": preflight.preset.name,
@@ -102,6 +104,8 @@ def _properties(preflight: Preflight, estimate_only: bool) -> list[tuple[str, An
         "bits": s.bits,
         "dtype": s.dtype,
         "decision": preflight.decision,
+        "host": host,
+        "worker": worker,
         "insufficient": preflight.insufficient,
         "estimate_only": estimate_only,
     }
@@ -155,7 +159,11 @@ class YouraiHooks:
         settings = self.session.settings
         self.session.safety_check(item)
         preflight = self.session.preflight(item, preset)
-        item.user_properties.extend(_properties(preflight, settings.estimate_only))
+        item.user_properties.extend(
+            _properties(
+                preflight, settings.estimate_only, self.session.host, self.session.worker_id
+            )
+        )
         item.stash[PREFLIGHT_KEY] = preflight
         if preflight.insufficient:
             action = "running anyway (--yourai-force)" if preflight.decision == RUN else "skipped"
@@ -215,6 +223,11 @@ class XdistControllerHooks:
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["yourai_run_id"] = self.session.run_id
+        machine = self.session.machine()
+        node.workerinput["yourai_start_memory"] = {
+            "host": self.session.host,
+            "available_gb": machine.available_gb,
+        }
 
     def pytest_xdist_node_collection_finished(self, node: Any, ids: list[str]) -> None:
         hooks = self.session.config.pluginmanager.get_plugin(PLUGIN_NAME)

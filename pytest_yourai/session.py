@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import time
 import uuid
@@ -18,6 +19,7 @@ from typing import Any
 import pytest
 
 from pytest_yourai import __version__
+from pytest_yourai.admission import Admission, Ledger, NeverFits
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.estimate import TrainingShape
 from pytest_yourai.eventlog import (
@@ -25,6 +27,8 @@ from pytest_yourai.eventlog import (
     BENCHMARK_START,
     MODEL_START,
     PREFLIGHT_CHECK,
+    PROBE_ADMITTED,
+    PROBE_WAITING,
     SAFETY_STOP,
     EventLog,
     check_log_path,
@@ -96,6 +100,14 @@ class YouraiSession:
         self.safety_stopped: str | None = None
         self._gflops: dict[str, float] = {}
         self._machine: MachineMemory | None = None
+        self.ledger = Ledger(settings.log_path)
+        self.host = socket.gethostname()
+        # The controller's reading at start, when this worker shares its host: the budget
+        # must not shrink because other workers' probes are already running.
+        controller = (workerinput or {}).get("yourai_start_memory")
+        self._start_available: float | None = None
+        if isinstance(controller, dict) and controller.get("host") == self.host:
+            self._start_available = float(controller["available_gb"])
 
     @classmethod
     def from_config(cls, config: pytest.Config, settings: Settings) -> YouraiSession:
@@ -287,6 +299,51 @@ class YouraiSession:
         if cache is not None:
             cache.set(key, float(gflops))
         return float(gflops)
+
+    # -- admission (the process that runs the probe) -----------------------------------------
+
+    def start_available_gb(self) -> float:
+        if self._start_available is None:
+            self._start_available = self.machine().available_gb
+        return self._start_available
+
+    def admit(self, preflight: Preflight, key: str) -> Admission:
+        """Reserve the probe's conservative estimate on this host; wait while it does not
+        fit next to the probes already running; skip it if it can never fit."""
+        name = preflight.preset.name
+        needed = preflight.estimate.estimated_conservative_gb
+        budget = self.start_available_gb() - self.settings.safety_gb
+        if self.settings.force:
+            budget = max(budget, needed)  # forced: run it, but alone if need be
+
+        def waiting(others: float, budget_gb: float) -> None:
+            self.log.write_event(
+                PROBE_WAITING,
+                preset=name,
+                needed_gb=round(needed, 4),
+                reserved_gb=round(others, 4),
+                budget_gb=round(budget_gb, 4),
+            )
+
+        try:
+            admission = self.ledger.reserve(
+                key, needed, budget, {"preset": name, "worker": self.worker_id}, waiting
+            )
+        except NeverFits as exc:
+            raise pytest.skip.Exception(
+                f"{name}: {exc} (available {self.start_available_gb():.3g} GB minus the "
+                f"{self.settings.safety_gb:g} GB safety threshold)",
+                _use_item_location=True,
+            ) from None
+        self.log.write_event(
+            PROBE_ADMITTED,
+            preset=name,
+            reserved_gb=round(admission.reserved_gb, 4),
+            total_reserved_gb=round(admission.total_reserved_gb, 4),
+            budget_gb=round(admission.budget_gb, 4),
+            waited_s=round(admission.waited_s, 3),
+        )
+        return admission
 
     # -- time limits -------------------------------------------------------------------------
 

@@ -58,6 +58,7 @@ def test_tiny_presets_pass_with_every_event_and_junit(bench: pytest.Pytester) ->
         assert seen == [
             "model_start",
             "preflight_check",
+            "probe_admitted",
             "subprocess_start",
             "subprocess_spawned",
             "subprocess_completed",

@@ -1,0 +1,104 @@
+"""Memory admission: probes on one host reserve their conservative estimate before starting.
+
+pytest-xdist schedules by CPU; memory is the scarce resource. Every worker on a host
+shares one ledger file next to the log (``<log>.ledger``, guarded by ``<log>.ledger.lock``
+through filelock). A probe starts only when its reservation plus the live reservations
+fit the budget (available memory minus the safety threshold); otherwise it waits. A
+reservation belongs to a process id: when that process is gone (a crashed worker), the
+reservation expires, so a dead worker never deadlocks the others.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+from filelock import FileLock
+
+POLL_S = 0.25
+
+
+class NeverFits(Exception):
+    """The reservation is larger than the whole budget."""
+
+
+@dataclass(frozen=True)
+class Admission:
+    key: str
+    reserved_gb: float
+    total_reserved_gb: float  # this reservation plus the others live when admitted
+    budget_gb: float
+    waited_s: float
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+class Ledger:
+    def __init__(self, log_path: Path) -> None:
+        self.path = log_path.with_name(log_path.name + ".ledger")
+        self.lock = FileLock(str(self.path) + ".lock")
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return {}
+        reservations = data.get("reservations", {}) if isinstance(data, dict) else {}
+        return {
+            key: value
+            for key, value in reservations.items()
+            if isinstance(value, dict) and _alive(int(value.get("pid", -1)))
+        }
+
+    def _write(self, reservations: dict[str, dict[str, Any]]) -> None:
+        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"reservations": reservations}), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def reserved_gb(self) -> float:
+        with self.lock:
+            return sum(float(v["gb"]) for v in self._read().values())
+
+    def reserve(
+        self,
+        key: str,
+        gb: float,
+        budget_gb: float,
+        details: dict[str, Any],
+        on_wait: Callable[[float, float], None],
+    ) -> Admission:
+        """Block until ``gb`` fits next to the live reservations; ``on_wait(others, budget)``
+        is called once, when waiting starts."""
+        if gb > budget_gb:
+            raise NeverFits(f"needs {gb:.3g} GB, more than the whole budget of {budget_gb:.3g} GB")
+        started = time.monotonic()
+        told = False
+        while True:
+            with self.lock:
+                live = self._read()
+                others = sum(float(v["gb"]) for k, v in live.items() if k != key)
+                if others + gb <= budget_gb:
+                    live[key] = {"gb": gb, "pid": os.getpid(), "since": time.time(), **details}
+                    self._write(live)
+                    return Admission(key, gb, others + gb, budget_gb, time.monotonic() - started)
+            if not told:
+                on_wait(others, budget_gb)
+                told = True
+            time.sleep(POLL_S)
+
+    def release(self, key: str) -> None:
+        with self.lock:
+            live = self._read()
+            if live.pop(key, None) is not None or self.path.exists():
+                self._write(live)
