@@ -120,6 +120,61 @@ OPTIONS: tuple[Option, ...] = (
         CONFIG_POLICIES,
         metavar="POLICY",
     ),
+    Option(
+        "--yourai-json",
+        "yourai_json",
+        "write machine info and per-preset results as JSON to PATH",
+        "path",
+        None,
+        metavar="PATH",
+    ),
+    Option(
+        "--yourai-plot",
+        "yourai_plot",
+        "plot estimated vs measured peaks against available memory to PATH (.png or .svg; "
+        "needs the 'plot' extra)",
+        "path",
+        None,
+        metavar="PATH",
+    ),
+    Option(
+        "--yourai-baseline-save",
+        "yourai_baseline_save",
+        "store the measured peaks as this machine's baseline",
+        "bool",
+        False,
+    ),
+    Option(
+        "--yourai-baseline-compare",
+        "yourai_baseline_compare",
+        "fail presets whose peak grew beyond --yourai-fail-on-growth over the baseline",
+        "bool",
+        False,
+    ),
+    Option(
+        "--yourai-fail-on-growth",
+        "yourai_fail_on_growth",
+        "allowed peak growth over the baseline, in percent: 5 or 5%% (default: 5)",
+        "percent",
+        "5",
+        metavar="PCT",
+    ),
+    Option(
+        "--yourai-baseline-dir",
+        "yourai_baseline_dir",
+        "where baselines live (default: .yourai/baselines under the rootdir)",
+        "path",
+        None,
+        metavar="DIR",
+    ),
+    Option(
+        "--yourai-search",
+        "yourai_search",
+        "find each preset's largest batch size, then rank, then layers that fits "
+        "(the estimator proposes, the probe confirms)",
+        "bool",
+        False,
+    ),
 )
 
 
@@ -135,6 +190,13 @@ class Settings:
     probe_command: tuple[str, ...] | None
     estimate_only: bool
     config_policy: str
+    json_path: Path | None
+    plot_path: Path | None
+    baseline_save: bool
+    baseline_compare: bool
+    fail_on_growth: float  # a fraction: 0.05 for 5%
+    baseline_dir: Path
+    search: bool
     # Where each value came from ("--yourai-log", "ini yourai_log", "default"), by dest.
     sources: dict[str, str]
 
@@ -158,13 +220,10 @@ def add_options(parser: pytest.Parser) -> None:
                 metavar=option.metavar,
                 help=option.help,
             )
-        if option.ini is not None:
-            parser.addini(
-                option.ini,
-                option.help,
-                type="bool" if option.kind == "bool" else "string",
-                default=None,
-            )
+        if option.ini is not None and option.kind == "bool":
+            parser.addini(option.ini, option.help, type="bool", default=None)
+        elif option.ini is not None:
+            parser.addini(option.ini, option.help, type="string", default=None)
 
 
 def _raw(config: pytest.Config, option: Option) -> tuple[Any, str]:
@@ -241,7 +300,27 @@ def resolve(config: pytest.Config) -> Settings:
             raise YouraiUsageError(f"{source}: empty command")
         return argv
 
+    def as_percent(value: Any, source: str) -> float:
+        text = str(value).strip()
+        number = _as_float(text[:-1] if text.endswith("%") else text, source)
+        return number / 100
+
+    def as_plot(value: Any, source: str) -> Path:
+        path = as_path(value, source)
+        if path.suffix.lower() not in (".png", ".svg"):
+            raise YouraiUsageError(f"{source}: plot file must end in .png or .svg, got {value!r}")
+        try:
+            import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
+        except ImportError:
+            raise YouraiUsageError(
+                f"{source}: plotting needs matplotlib: pip install 'pytest-yourai[plot]'"
+            ) from None
+        return path
+
     timeout_s = get("yourai_timeout", lambda v, s: _as_float(v, s, allow_zero=False))
+    baseline_dir = (
+        get("yourai_baseline_dir", as_path) or Path(config.rootpath) / ".yourai" / "baselines"
+    )
     return Settings(
         force=bool(get("yourai_force", _as_bool)),
         log_path=get("yourai_log", as_path),
@@ -253,5 +332,12 @@ def resolve(config: pytest.Config) -> Settings:
         probe_command=get("yourai_probe_command", as_command),
         estimate_only=bool(get("yourai_estimate_only", _as_bool)),
         config_policy=get("yourai_config", as_choice),
+        json_path=get("yourai_json", as_path),
+        plot_path=get("yourai_plot", as_plot),
+        baseline_save=bool(get("yourai_baseline_save", _as_bool)),
+        baseline_compare=bool(get("yourai_baseline_compare", _as_bool)),
+        fail_on_growth=get("yourai_fail_on_growth", as_percent),
+        baseline_dir=baseline_dir,
+        search=bool(get("yourai_search", _as_bool)),
         sources={option.dest: _raw(config, option)[1] for option in OPTIONS},
     )
