@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import re
+import statistics
 import sys
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import pytest
 
+from pytest_yourai import baseline
+from pytest_yourai.autoconfig import BenchmarkConfig
+from pytest_yourai.estimate import estimate_training_memory
 from pytest_yourai.eventlog import (
+    PROBE_PROGRESS,
     SAFETY_KILL,
     SUBPROCESS_COMPLETED,
     SUBPROCESS_FAILED,
@@ -17,8 +24,10 @@ from pytest_yourai.eventlog import (
     SUBPROCESS_TIMEOUT,
 )
 from pytest_yourai.memory import MemoryWatchdog
-from pytest_yourai.preflight import Preflight
+from pytest_yourai.preflight import Preflight, training_shape
 from pytest_yourai.runner import ProbeOutcome, ProbeProcess
+from pytest_yourai.search import RANKS as SEARCH_RANKS
+from pytest_yourai.search import search as run_search
 from pytest_yourai.session import PROP_PREFIX, YouraiSession, probe_environment
 
 PREVIEW_CHARS = 2000
@@ -48,6 +57,36 @@ def phase_from_output(stdout: str) -> str:
         elif re.match(r"step \d+/\d+", line):
             phase = "train"
     return phase
+
+
+class ProgressLog:
+    """Each poll: the watchdog's sample, and a probe_progress event whenever the probe
+    reports a new build block or training step, so a hard crash leaves its place in the
+    log together with the memory situation at that moment."""
+
+    def __init__(
+        self, session: YouraiSession, preset: str, proc: ProbeProcess, watchdog: MemoryWatchdog
+    ) -> None:
+        self.session, self.preset, self.proc, self.watchdog = session, preset, proc, watchdog
+        self.seen = ""
+
+    def tick(self) -> bool:
+        stop = self.watchdog()
+        line = self.proc.last_stdout_line()
+        if line != self.seen and PROGRESS_LINE.match(line):
+            self.seen = line
+            self.session.log.write_event(
+                PROBE_PROGRESS,
+                preset=self.preset,
+                phase=phase_from_output(line),
+                line=line,
+                probe_rss_gb=round(self.watchdog.peak_rss_gb, 4),
+                available_gb=round(self.watchdog.min_available_gb, 3),
+            )
+        return stop
+
+
+PROGRESS_LINE = re.compile(r"(building block \d+/\d+|step \d+/\d+|loading weights|built model)")
 
 
 def _preview(text: str, limit: int) -> str:
@@ -81,7 +120,10 @@ class YouraiBenchmark:
         return [sys.executable, "-m", "pytest_yourai.probe"]
 
     def run(self) -> dict[str, Any]:
-        """Run the probe; pass with its result, or fail with OOM / Timeout / error."""
+        """Run the probe; pass with its result, or fail with OOM / Timeout / error.
+        With --yourai-search, find the largest config that fits instead."""
+        if self.session.settings.search:
+            return self.search()
         name = self.preset.name
         timeout_s, limited_by = self.session.probe_deadline(self.item)
         admission = self.session.admit(self.preflight, f"{self.session.run_id}:{self.item.nodeid}")
@@ -101,8 +143,9 @@ class YouraiBenchmark:
                 self.session.settings.max_memory_gb,
                 proc.tree_rss_bytes,
             )
+            progress = ProgressLog(self.session, name, proc, watchdog)
             try:
-                outcome = proc.wait(timeout_s, tick=watchdog)
+                outcome = proc.wait(timeout_s, tick=progress.tick)
             except BaseException as exc:
                 # pytest-timeout (signal method), KeyboardInterrupt: kill the tree now and
                 # leave the log saying where the probe was.
@@ -123,6 +166,108 @@ class YouraiBenchmark:
         if settings.force and available < settings.safety_gb:
             return available / 2
         return settings.safety_gb
+
+    def search(self) -> dict[str, Any]:
+        """Largest batch, then rank, then layers that fit: estimator proposes, probe confirms.
+
+        Every probe runs with --memory-limit-gb at the budget (available minus the safety
+        threshold), so a candidate that does not fit fails as a rehearsed OOM, never by
+        exhausting the machine. The whole budget is reserved for the search."""
+        session, preflight = self.session, self.preflight
+        budget = session.start_available_gb() - session.settings.safety_gb
+        whole = replace(
+            preflight, estimate=replace(preflight.estimate, estimated_conservative_gb=budget)
+        )
+        admission = session.admit(whole, f"{session.run_id}:{self.item.nodeid}")
+        timeout_s, _ = session.probe_deadline(self.item)
+
+        def estimate(config: BenchmarkConfig) -> tuple[float, float]:
+            shape = training_shape(self.preset, config, preflight.shape.backend)
+            e = estimate_training_memory(self.preset.architecture, shape)
+            return e.estimated_base_gb, e.estimated_conservative_gb
+
+        def probe(config: BenchmarkConfig) -> tuple[bool, float | None]:
+            spec = {
+                **self.spec,
+                "batch_size": config.batch_size,
+                "lora_rank": config.lora_rank,
+                "lora_layers": config.lora_layers,
+                "memory_limit_gb": round(budget, 4),
+            }
+            result = self._probe_quietly(spec, timeout_s)
+            peak = (result or {}).get("peak_memory_gb")
+            fits = bool(
+                result
+                and result.get("status") == "ok"
+                and isinstance(peak, int | float)
+                and peak <= budget
+            )
+            return fits, float(peak) if isinstance(peak, int | float) else None
+
+        try:
+            found = run_search(
+                preflight.config,
+                int(self.preset.architecture["num_hidden_layers"]),
+                budget,
+                estimate,
+                probe,
+            )
+        finally:
+            session.ledger.release(admission.key)
+        summary = {
+            "batch_size": found.config.batch_size if found.config else None,
+            "lora_rank": found.config.lora_rank if found.config else None,
+            "lora_layers": found.config.lora_layers if found.config else None,
+            "peak_memory_gb": found.peak_gb,
+            "budget_gb": round(budget, 4),
+            "probes": found.probes,
+        }
+        self._prop("search", json.dumps(summary))
+        if found.config is None:
+            self._fail(
+                "OOM",
+                f"search: nothing fits in {budget:.3g} GB, even batch 1, rank "
+                f"{min(SEARCH_RANKS)}, 1 layer ({found.probes} probes)",
+                "",
+            )
+        self._prop("batch_size", found.config.batch_size)
+        self._prop("lora_rank", found.config.lora_rank)
+        self._prop("lora_layers", found.config.lora_layers)
+        if found.peak_gb is not None:
+            self._prop("peak_memory_gb", found.peak_gb)
+        self._prop("verdict", "Pass")
+        return {"status": "ok", **summary}
+
+    def _probe_quietly(self, spec: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        """One search probe, logged like any other; its failure is data, not a test failure."""
+        log, name = self.session.log, self.preset.name
+        config = {k: spec[k] for k in ("batch_size", "lora_rank", "lora_layers")}
+        log.write_event(SUBPROCESS_START, preset=name, command=self._argv(), search=config)
+        with ProbeProcess(self._argv(), probe_environment(spec)) as proc:
+            log.write_event(SUBPROCESS_SPAWNED, preset=name, pid=proc.pid)
+            outcome = proc.wait(timeout_s)
+        stdout = _preview(outcome.stdout_tail, PREVIEW_CHARS)
+        result = outcome.result
+        if result is not None and result.get("status") == "ok":
+            log.write_event(
+                SUBPROCESS_COMPLETED,
+                preset=name,
+                exit_code=outcome.exit_code,
+                peak_memory_gb=result.get("peak_memory_gb"),
+                stdout_preview=stdout,
+                search=config,
+            )
+        else:
+            log.write_event(
+                SUBPROCESS_FAILED,
+                preset=name,
+                exit_code=outcome.exit_code,
+                status=(result or {}).get("status", "error"),
+                search=config,
+                stderr=_preview(outcome.stderr_tail, STDERR_CHARS),
+                stdout_preview=stdout,
+            )
+        return result
 
     def _interrupted(self, proc: ProbeProcess, exc: BaseException) -> None:
         log = self.session.log
@@ -226,6 +371,10 @@ class YouraiBenchmark:
                 stdout_preview=stdout,
             )
             self._prop("verdict", "Pass")
+            steps = (result or {}).get("step_seconds") or []
+            if steps:
+                self._prop("step_seconds_median", round(statistics.median(steps), 4))
+            self._check_limits(float(peak) if isinstance(peak, int | float) else None, stdout)
             if result and result.get("peak_growth"):
                 self.item.warn(
                     pytest.PytestWarning(
@@ -266,6 +415,37 @@ class YouraiBenchmark:
             reason=problem,
         )
         self._fail("Error", problem, stdout, stderr)
+
+    def _check_limits(self, peak: float | None, stdout: str) -> None:
+        """The preset's memory budget (marker or preset field) and the stored baseline."""
+        if peak is None:
+            return
+        budget = self.max_peak_gb()
+        if budget is not None and peak > budget:
+            self._fail(
+                "Over budget",
+                f"{self.preset.name}: peak {peak:.4g} GB exceeds its budget of {budget:g} GB",
+                stdout,
+            )
+        settings = self.session.settings
+        if not settings.baseline_compare:
+            return
+        old = baseline.load(settings.baseline_dir, self.session.machine_id()).get(self.preset.name)
+        if not isinstance(old, dict) or not isinstance(old.get("peak_memory_gb"), int | float):
+            return
+        self._prop("baseline_peak_gb", old["peak_memory_gb"])
+        failure = baseline.growth_failure(
+            self.preset.name, float(old["peak_memory_gb"]), peak, settings.fail_on_growth
+        )
+        if failure is not None:
+            self._fail("Regressed", failure, stdout)
+
+    def max_peak_gb(self) -> float | None:
+        marker = self.item.get_closest_marker("yourai")
+        if marker is not None and marker.kwargs.get("max_peak_gb") is not None:
+            return float(marker.kwargs["max_peak_gb"])
+        value = self.preset.pins.get("max_peak_gb")
+        return float(value) if isinstance(value, int | float) else None
 
     def _fail(self, verdict: str, message: str, stdout: str, stderr: str = "") -> NoReturn:
         self._prop("verdict", verdict)

@@ -29,6 +29,7 @@ SAFETY_STOP: Final = "safety_stop"
 SAFETY_KILL: Final = "safety_kill"
 PROBE_WAITING: Final = "probe_waiting"
 PROBE_ADMITTED: Final = "probe_admitted"
+PROBE_PROGRESS: Final = "probe_progress"
 BENCHMARK_COMPLETE: Final = "benchmark_complete"
 
 EVENTS: Final = (
@@ -39,6 +40,7 @@ EVENTS: Final = (
     PROBE_ADMITTED,
     SUBPROCESS_START,
     SUBPROCESS_SPAWNED,
+    PROBE_PROGRESS,
     SUBPROCESS_COMPLETED,
     SUBPROCESS_TIMEOUT,
     SUBPROCESS_FAILED,
@@ -62,6 +64,7 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     ),
     PROBE_WAITING: ("preset", "needed_gb", "reserved_gb", "budget_gb"),
     PROBE_ADMITTED: ("preset", "reserved_gb", "total_reserved_gb", "budget_gb", "waited_s"),
+    PROBE_PROGRESS: ("preset", "phase", "line", "probe_rss_gb", "available_gb"),
     SUBPROCESS_START: ("preset",),
     SUBPROCESS_SPAWNED: ("preset", "pid"),
     SUBPROCESS_COMPLETED: ("preset", "exit_code", "peak_memory_gb", "stdout_preview"),

@@ -47,8 +47,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "yourai: a pytest-yourai benchmark test (requests the yourai_benchmark fixture, "
-        "parametrized over the selected model presets)",
+        "yourai(max_peak_gb=None): a pytest-yourai benchmark; max_peak_gb fails a preset whose "
+        "measured peak exceeds it",
     )
     if config.option.help:
         return
@@ -204,6 +204,8 @@ class YouraiHooks:
         if self.session.safety_stopped:
             terminalreporter.write_line(self.session.safety_stopped, red=True)
         terminalreporter.write_line(f"log: {self.session.settings.log_path}")
+        for line in self.session.write_outputs():
+            terminalreporter.write_line(line)
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> Generator[None, None, None]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
 from pytest_yourai.session import ResultRow
 
@@ -46,6 +48,14 @@ def item_lines(row: ResultRow, index: int, total: int | None) -> list[str]:
         if row.get("insufficient"):
             lines.append("  ⚠️  WARNING: Available memory may be insufficient")
         lines.append(f"  Config: {config_text(row)}")
+    search = row.get("search")
+    if search:
+        found = json.loads(search)
+        lines.append(
+            f"  Search: batch={found['batch_size']}, rank={found['lora_rank']}, "
+            f"layers={found['lora_layers']} fits {found['budget_gb']:.3g} GB "
+            f"after {found['probes']} probes"
+        )
     verdict = row.verdict
     if verdict in ("Skipped", "Stopped", "Estimated"):
         reason = row.get("reason") or ""
@@ -97,3 +107,147 @@ def recommendation(rows: Sequence[ResultRow]) -> str:
             f"({best.get('params')}), needs {estimate_text(best)} at {config_text(best)}"
         )
     return "No preset fits this machine at its safe config."
+
+
+# -- machine-readable results -------------------------------------------------------------
+
+RESULT_FIELDS = (
+    "preset",
+    "params",
+    "param_count",
+    "backend",
+    "host",
+    "worker",
+    "batch_size",
+    "lora_rank",
+    "lora_layers",
+    "seq_len",
+    "bits",
+    "dtype",
+    "estimated_base_gb",
+    "estimated_conservative_gb",
+    "available_gb",
+    "predicted_seconds",
+    "peak_memory_gb",
+    "train_peak_memory_gb",
+    "load_peak_memory_gb",
+    "resident_memory_gb",
+    "process_peak_rss_gb",
+    "probe_peak_rss_gb",
+    "step_seconds_median",
+    "tokens_per_second",
+    "total_parameters",
+    "trainable_parameters",
+    "elapsed_s",
+    "reason",
+    "baseline_peak_gb",
+    "search",
+)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the stack, read from package metadata (mlx is never imported here)."""
+    import importlib.metadata
+
+    from pytest_yourai import __version__
+
+    versions: dict[str, str | None] = {"pytest-yourai": __version__}
+    for name in ("mlx", "mlx-lm", "mlx-metal", "mlx-cpu", "mlx-cuda-13", "pytest"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def results_document(rows: Sequence[ResultRow], machine: dict[str, object]) -> dict[str, object]:
+    results = []
+    for row in rows:
+        entry: dict[str, object] = {"nodeid": row.nodeid, "verdict": row.verdict}
+        for name in RESULT_FIELDS:
+            value = row.get(name)
+            if value is not None:
+                entry[name] = json.loads(value) if name == "search" else value
+        results.append(entry)
+    return {"machine": machine, "versions": package_versions(), "results": results}
+
+
+def markdown_table(rows: Sequence[ResultRow]) -> str:
+    """The summary table as GitHub-flavoured Markdown (for GITHUB_STEP_SUMMARY)."""
+    lines = [
+        "### pytest-yourai: LoRA memory benchmark",
+        "",
+        "| preset | params | config | estimate | available | peak | verdict |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.get('preset', r.nodeid)} | {r.get('params', '?')} | {config_text(r)} | "
+            f"{estimate_text(r)} | {_gb(r.get('available_gb'))} | {_gb(r.get('peak_memory_gb'))} "
+            f"| {r.verdict or '-'} |"
+        )
+    lines += ["", recommendation(rows), ""]
+    return "\n".join(lines)
+
+
+def plot(rows: Sequence[ResultRow], path: Path) -> None:
+    """Per preset: the estimate range, the measured peak, and the available-memory line."""
+    import matplotlib  # type: ignore[import-not-found,unused-ignore]
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
+
+    shown = [r for r in rows if r.get("estimated_base_gb") is not None]
+    names = [str(r.get("preset")) for r in shown]
+    base = [float(r.get("estimated_base_gb")) for r in shown]
+    conservative = [float(r.get("estimated_conservative_gb")) for r in shown]
+    measured = [r.get("peak_memory_gb") for r in shown]
+    xs = range(len(shown))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(shown) + 2), 4.8))
+    ax.bar([x - 0.2 for x in xs], base, width=0.4, color="#9ecae1", label="estimate (base)")
+    ax.bar(
+        [x - 0.2 for x in xs],
+        [c - b for b, c in zip(base, conservative, strict=True)],
+        bottom=base,
+        width=0.4,
+        color="#deebf7",
+        hatch="//",
+        edgecolor="#6baed6",
+        label="estimate (up to conservative)",
+    )
+    labelled = False
+    for x, value, row in zip(xs, measured, shown, strict=True):
+        if isinstance(value, int | float):
+            label = None if labelled else "measured peak"
+            labelled = True
+            ax.bar(x + 0.2, value, width=0.4, color="#31a354", label=label)
+            ax.annotate(
+                gb_number(float(value)), (x + 0.2, value), ha="center", va="bottom", fontsize=8
+            )
+        else:  # skipped or failed: say why where the bar would be
+            ax.annotate(
+                row.verdict or "-",
+                (x + 0.2, min(base)),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                rotation=90,
+            )
+    available = [r.get("available_gb") for r in shown if r.get("available_gb") is not None]
+    if available:
+        line = min(float(a) for a in available)
+        ax.axhline(line, color="#e6550d", linestyle="--", label=f"available ({gb_number(line)} GB)")
+    ax.set_xticks(list(xs), names, rotation=20, ha="right")
+    ax.set_ylabel("GB (1e9 bytes)")
+    values = [v for v in base + conservative if v > 0]
+    values += [float(a) for a in available]
+    if values and max(values) / min(values) > 50:  # tiny presets next to 70B, or to the RAM line
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=min(values) / 4)  # room below the smallest bar on a log axis
+    ax.set_title("pytest-yourai: estimated vs measured LoRA training peak")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

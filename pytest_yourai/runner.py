@@ -50,6 +50,7 @@ class _StreamTail:
         self._tail_size = 0
         self._partial = b""
         self.result_line: str | None = None
+        self.last_line = ""
         self.total_bytes = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._drain, daemon=True)
@@ -84,6 +85,7 @@ class _StreamTail:
             self._take_line(line)
 
     def _take_line(self, line: bytes) -> None:
+        self.last_line = line.decode("utf-8", errors="replace").rstrip("\r")[:500]
         if line.startswith(RESULT_PREFIX.encode()):
             self.result_line = line.decode("utf-8", errors="replace").rstrip("\r")
 
@@ -187,6 +189,9 @@ class ProbeProcess:
 
     def stdout_tail(self, limit: int = TAIL_BYTES) -> str:
         return self._stdout.text(limit)
+
+    def last_stdout_line(self) -> str:
+        return self._stdout.last_line
 
     def stderr_tail(self, limit: int = TAIL_BYTES) -> str:
         return self._stderr.text(limit)

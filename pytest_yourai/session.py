@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pytest_yourai import __version__
+from pytest_yourai import __version__, baseline
 from pytest_yourai.admission import Admission, Ledger, NeverFits
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.estimate import TrainingShape
@@ -120,6 +120,63 @@ class YouraiSession:
         if fresh or self._machine is None:
             self._machine = read_machine_memory(self.backend).capped(self.settings.max_memory_gb)
         return self._machine
+
+    def machine_id(self) -> str:
+        m = self.machine()
+        return baseline.machine_id(m.backend, m.device_name, m.total_gb)
+
+    def machine_info(self) -> dict[str, Any]:
+        m = self.machine()
+        return {
+            "backend": m.backend,
+            "device_name": m.device_name,
+            "total_gb": round(m.total_gb, 3),
+            "available_gb": round(m.available_gb, 3),
+            "memory_cap_gb": m.cap_gb,
+            "host": self.host,
+            "machine_id": self.machine_id(),
+            "run_id": self.run_id,
+            "python": sys.version.split()[0],
+        }
+
+    def write_outputs(self) -> list[str]:
+        """After the run (controller only): JSON, step summary, plot, baseline. Returns
+        lines for the terminal saying what was written."""
+        from pytest_yourai import report
+
+        rows = list(self.results.values())
+        written: list[str] = []
+        if not rows:
+            return written
+        settings = self.settings
+        if settings.json_path is not None:
+            document = report.results_document(rows, self.machine_info())
+            settings.json_path.write_text(json.dumps(document, indent=1), encoding="utf-8")
+            written.append(f"results JSON: {settings.json_path}")
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as handle:
+                handle.write(report.markdown_table(rows) + "\n")
+            written.append(f"step summary: {summary}")
+        if settings.plot_path is not None:
+            report.plot(rows, settings.plot_path)
+            written.append(f"plot: {settings.plot_path}")
+        if settings.baseline_save:
+            peaks = {
+                str(r.get("preset")): {
+                    "peak_memory_gb": r.get("peak_memory_gb"),
+                    "batch_size": r.get("batch_size"),
+                    "lora_rank": r.get("lora_rank"),
+                    "lora_layers": r.get("lora_layers"),
+                    "seq_len": r.get("seq_len"),
+                }
+                for r in rows
+                if r.verdict == "Pass" and isinstance(r.get("peak_memory_gb"), int | float)
+            }
+            if peaks:
+                path = baseline.save(settings.baseline_dir, self.machine_id(), peaks)
+                written.append(f"baseline saved: {path} ({len(peaks)} presets)")
+        return written
 
     def header_line(self) -> str:
         m = self.machine()

@@ -71,7 +71,8 @@ def test_sigkill_pytest_mid_probe(bench: pytest.Pytester) -> None:
     pytest_proc.kill()
     pytest_proc.wait()
     records = check_aftermath(bench)
-    assert records[-1]["event"] == "subprocess_spawned"
+    # The log ends where the probe was: its last progress line.
+    assert records[-1]["event"] == "probe_progress" and records[-1]["line"] == "step 1/4"
     assert not events(records, "benchmark_complete")
 
 

@@ -55,6 +55,8 @@ def test_tiny_presets_pass_with_every_event_and_junit(bench: pytest.Pytester) ->
     assert events(records, "benchmark_complete")[0]["passed"] == 2
     for preset in ("tiny-llama", "tiny-qwen2"):
         seen = [r["event"] for r in records if r.get("preset") == preset]
+        assert "probe_progress" in seen  # build and step lines reached the log as they happened
+        seen = [e for e in seen if e != "probe_progress"]
         assert seen == [
             "model_start",
             "preflight_check",
