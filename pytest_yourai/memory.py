@@ -8,11 +8,12 @@ memory is read with nvidia-smi.
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import psutil
@@ -112,13 +113,93 @@ def system_memory(backend: str) -> MachineMemory:
     )
 
 
+def metal_memory(
+    device_info: Mapping[str, object], available_bytes: float, total_bytes: float
+) -> MachineMemory:
+    """Metal: unified memory shared with the OS, and mlx-lm caps training at the GPU's
+    recommended working set (its wired limit, about 65-75% of RAM). What a probe can use
+    is the smaller of psutil's available memory and that working set.
+
+    ``device_info`` is what ``mx.device_info()`` (mlx >= 0.30) or ``mx.metal.device_info()``
+    (older) reports; either may lack keys, and then psutil alone decides."""
+    working_set = device_info.get("max_recommended_working_set_size")
+    memory_size = device_info.get("memory_size")
+    total = (
+        float(memory_size)
+        if isinstance(memory_size, int | float) and memory_size > 0
+        else total_bytes
+    )
+    name = str(device_info.get("device_name") or device_info.get("architecture") or "Apple GPU")
+    available = available_bytes
+    source = "psutil available (no Metal working-set size reported)"
+    if (
+        isinstance(working_set, int | float)
+        and not isinstance(working_set, bool)
+        and working_set > 0
+    ):
+        if working_set < available_bytes:
+            available = float(working_set)
+            source = (
+                f"Metal recommended working set {working_set / GB:.1f} GB "
+                f"(below psutil available {available_bytes / GB:.1f} GB)"
+            )
+        else:
+            source = (
+                f"psutil available (below the Metal recommended working set "
+                f"{working_set / GB:.1f} GB)"
+            )
+    return MachineMemory(
+        backend="metal",
+        total_gb=total / GB,
+        available_gb=available / GB,
+        device_name=name,
+        source=source,
+    )
+
+
+def _metal_device_info() -> dict[str, object]:
+    """Ask a child Python (the probe) what MLX reports: the pytest process never imports mlx."""
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest_yourai.probe", "--device-info"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    for line in reversed(out.splitlines()):
+        if line.startswith("BENCHMARK_RESULT:"):
+            try:
+                data = json.loads(line.split(":", 1)[1])
+            except json.JSONDecodeError:
+                return {}
+            return data if isinstance(data, dict) else {}
+    return {}
+
+
 def read_machine_memory(backend: str | None = None) -> MachineMemory:
     backend = backend or detect_backend()
     if backend == "cuda":
         cuda = _cuda_memory()
         if cuda is not None:
             return cuda
+    if backend == "metal":
+        vm = psutil.virtual_memory()
+        return metal_memory(_metal_device_info_cached(), vm.available, vm.total)
     return system_memory(backend)
+
+
+_DEVICE_INFO: dict[str, object] | None = None
+
+
+def _metal_device_info_cached() -> dict[str, object]:
+    # The working set is fixed per boot; ask once per process.
+    global _DEVICE_INFO
+    if _DEVICE_INFO is None:
+        _DEVICE_INFO = _metal_device_info()
+    return _DEVICE_INFO
 
 
 def available_gb(backend: str) -> float:

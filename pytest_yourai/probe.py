@@ -181,22 +181,24 @@ def resolve_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def backend_name() -> str:
-    device = mx.default_device()
-    if device.type == mx.cpu:
+def backend_name(core: Any = mx) -> str:
+    device = core.default_device()
+    if device.type == core.cpu:
         return "cpu"
     if sys.platform == "darwin":
         return "metal"
     return "cuda"
 
 
-def device_info() -> dict[str, Any]:
+def device_info(core: Any = mx) -> dict[str, Any]:
+    """What MLX says about the device: ``mx.device_info()`` on mlx >= 0.30, else
+    ``mx.metal.device_info()`` (Metal only, deprecated since), else nothing."""
     info: dict[str, Any] = {}
-    if hasattr(mx, "device_info"):
-        info = dict(mx.device_info())
-    elif hasattr(mx, "metal") and mx.metal.is_available():
-        info = dict(mx.metal.device_info())
-    info["backend"] = backend_name()
+    if hasattr(core, "device_info"):
+        info = dict(core.device_info())
+    elif hasattr(core, "metal") and core.metal.is_available():
+        info = dict(core.metal.device_info())
+    info["backend"] = backend_name(core)
     return {k: (v if isinstance(v, int | float | str | bool) else str(v)) for k, v in info.items()}
 
 

@@ -186,6 +186,7 @@ class YouraiSession:
             f"total {m.total_gb:.1f} GB, available {m.available_gb:.1f} GB{cap} | "
             f"force {'on' if self.settings.force else 'off'}"
             + (" | estimate only" if self.settings.estimate_only else "")
+            + (f" | available = {m.source}" if m.backend == "metal" else "")
         )
 
     # -- run start / complete (controller or single process only) ------------------------
@@ -294,6 +295,7 @@ class YouraiSession:
             else round(result.predicted_seconds, 1),
             decision=result.decision,
             reason=result.reason,
+            memory_source=machine.source,
         )
         return result
 

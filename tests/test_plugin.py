@@ -315,10 +315,20 @@ def test_xdist_one_start_one_complete_and_properties(bench: pytest.Pytester) -> 
         assert "yourai_estimated_base_gb" in props
 
 
-def test_every_event_name_is_documented() -> None:
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+def test_docs_cover_every_option_and_event() -> None:
+    from pytest_yourai.eventlog import REQUIRED_FIELDS
+    from pytest_yourai.settings import OPTIONS
+
+    root = Path(__file__).parent.parent
+    reference = (root / "docs" / "reference.md").read_text()
+    readme = (root / "README.md").read_text()
+    for option in OPTIONS:
+        assert f"`{option.flag}" in reference and f"`{option.ini}`" in reference, option.flag
     for name in EVENTS:
-        assert f"`{name}`" in readme
+        assert f"`{name}`" in reference and f"`{name}`" in readme, name
+        row = next(line for line in reference.splitlines() if line.startswith(f"| `{name}` |"))
+        for field in REQUIRED_FIELDS.get(name, ()):
+            assert f"`{field}`" in row, (name, field)
 
 
 def test_non_benchmark_sessions_write_no_log(pytester: pytest.Pytester) -> None:
