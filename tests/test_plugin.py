@@ -336,3 +336,20 @@ def test_non_benchmark_sessions_write_no_log(pytester: pytest.Pytester) -> None:
     pytester.runpytest().assert_outcomes(passed=1)
     assert not (pytester.path / "benchmark_log.jsonl").exists()
     assert os.listdir(pytester.path) is not None
+
+
+def test_the_pytest_process_never_imports_mlx(bench: pytest.Pytester) -> None:
+    bench.makeconftest(
+        """
+import sys
+
+def pytest_sessionfinish(session):
+    loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm"))
+    open("mlx_modules.txt", "w").write(",".join(loaded))
+"""
+    )
+    probe = write_fake_probe(bench.path, OK_PROBE)
+    bench.runpytest_subprocess("--yourai-probe-command", probe, "--yourai-max-memory", "8")
+    assert (bench.path / "mlx_modules.txt").read_text() == ""
+    bench.runpytest_subprocess("-k", "tiny-qwen2")  # the real probe, in its own process
+    assert (bench.path / "mlx_modules.txt").read_text() == ""
