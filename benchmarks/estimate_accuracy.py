@@ -126,6 +126,8 @@ def report(paths: list[Path]) -> int:
         for line in path.read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
+                if "result" not in record:
+                    continue  # not a grid result (an event log, say)
                 if record["result"].get("status") == "ok":
                     records.append(record)
     by_backend: dict[str, list[tuple[float, float, float, float, float, str]]] = {}
