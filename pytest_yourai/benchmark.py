@@ -133,9 +133,20 @@ class YouraiBenchmark:
             self.session.ledger.release(admission.key)
 
     def _run_admitted(self, name: str, timeout_s: float, limited_by: str) -> dict[str, Any]:
-        log = self.session.log
-        log.write_event(SUBPROCESS_START, preset=name, command=self._argv())
-        with ProbeProcess(self._argv(), probe_environment(self.spec)) as proc:
+        pid, outcome, watchdog = self._spawn(self.spec, timeout_s)
+        self._prop("probe_peak_rss_gb", round(watchdog.peak_rss_gb, 4))
+        if outcome.stopped:
+            self._safety_kill(watchdog, outcome)
+        return self._judge(pid, outcome, timeout_s, limited_by, watchdog)
+
+    def _spawn(
+        self, spec: dict[str, Any], timeout_s: float, **fields: Any
+    ) -> tuple[int, ProbeOutcome, MemoryWatchdog]:
+        """Every probe goes through here: logged, watched (memory, progress), timed out,
+        and killed with its whole tree whatever happens."""
+        log, name = self.session.log, self.preset.name
+        log.write_event(SUBPROCESS_START, preset=name, command=self._argv(), **fields)
+        with ProbeProcess(self._argv(), probe_environment(spec)) as proc:
             log.write_event(SUBPROCESS_SPAWNED, preset=name, pid=proc.pid)
             watchdog = MemoryWatchdog(
                 self.session.backend,
@@ -152,10 +163,7 @@ class YouraiBenchmark:
                 proc.kill_tree()
                 self._interrupted(proc, exc)
                 raise
-        self._prop("probe_peak_rss_gb", round(watchdog.peak_rss_gb, 4))
-        if outcome.stopped:
-            self._safety_kill(watchdog, outcome)
-        return self._judge(proc.pid, outcome, timeout_s, limited_by, watchdog)
+        return proc.pid, outcome, watchdog
 
     def _watchdog_threshold(self) -> float:
         """The safety threshold, or, for a run forced past the safety stop (it started
@@ -239,13 +247,13 @@ class YouraiBenchmark:
         return {"status": "ok", **summary}
 
     def _probe_quietly(self, spec: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
-        """One search probe, logged like any other; its failure is data, not a test failure."""
+        """One search probe, logged like any other; its failure is data, not a test failure.
+        A watchdog kill still stops the search (and the run, unless forced)."""
         log, name = self.session.log, self.preset.name
         config = {k: spec[k] for k in ("batch_size", "lora_rank", "lora_layers")}
-        log.write_event(SUBPROCESS_START, preset=name, command=self._argv(), search=config)
-        with ProbeProcess(self._argv(), probe_environment(spec)) as proc:
-            log.write_event(SUBPROCESS_SPAWNED, preset=name, pid=proc.pid)
-            outcome = proc.wait(timeout_s)
+        _, outcome, watchdog = self._spawn(spec, timeout_s, search=config)
+        if outcome.stopped:
+            self._safety_kill(watchdog, outcome)
         stdout = _preview(outcome.stdout_tail, PREVIEW_CHARS)
         result = outcome.result
         if result is not None and result.get("status") == "ok":
