@@ -154,7 +154,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--yourai-fail-on-growth",
         "yourai_fail_on_growth",
-        "allowed peak growth over the baseline, in percent: 5 or 5%% (default: 5)",
+        "allowed peak growth over the baseline, in percent, e.g. 5 (default: 5)",
         "percent",
         "5",
         metavar="PCT",
