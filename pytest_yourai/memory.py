@@ -8,7 +8,6 @@ memory is read with nvidia-smi.
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import platform
 import shutil
 import subprocess
@@ -56,21 +55,24 @@ def detect_backend() -> str:
     return "cpu"
 
 
+def _command_output(argv: list[str], timeout_s: float) -> str | None:
+    """A helper command's stdout, or None when it cannot run, fails, or hangs."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout if proc.returncode == 0 else None
+
+
 def _cuda_memory() -> MachineMemory | None:
     """Total and free memory of GPU 0 (MLX's default device) from nvidia-smi, in GB."""
-    try:
-        out = subprocess.run(
-            [
-                "nvidia-smi",
-                "--query-gpu=memory.total,memory.free,name",
-                "--format=csv,noheader,nounits",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+    query = [
+        "nvidia-smi",
+        "--query-gpu=memory.total,memory.free,name",
+        "--format=csv,noheader,nounits",
+    ]
+    out = _command_output(query, 10)
+    if out is None:
         return None
     first = out.strip().splitlines()[0] if out.strip() else ""
     parts = [p.strip() for p in first.split(",")]
@@ -159,24 +161,12 @@ def metal_memory(
 
 def _metal_device_info() -> dict[str, object]:
     """Ask a child Python (the probe) what MLX reports: the pytest process never imports mlx."""
-    try:
-        out = subprocess.run(
-            [sys.executable, "-m", "pytest_yourai.probe", "--device-info"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    for line in reversed(out.splitlines()):
-        if line.startswith("BENCHMARK_RESULT:"):
-            try:
-                data = json.loads(line.split(":", 1)[1])
-            except json.JSONDecodeError:
-                return {}
-            return data if isinstance(data, dict) else {}
-    return {}
+    from pytest_yourai.runner import RESULT_PREFIX, parse_result_line
+
+    out = _command_output([sys.executable, "-m", "pytest_yourai.probe", "--device-info"], 60)
+    lines = [line for line in (out or "").splitlines() if line.startswith(RESULT_PREFIX)]
+    result, _ = parse_result_line(lines[-1] if lines else None)
+    return dict(result) if result is not None else {}
 
 
 def read_machine_memory(backend: str | None = None) -> MachineMemory:
@@ -200,11 +190,6 @@ def _metal_device_info_cached() -> dict[str, object]:
     if _DEVICE_INFO is None:
         _DEVICE_INFO = _metal_device_info()
     return _DEVICE_INFO
-
-
-def available_gb(backend: str) -> float:
-    """A fresh reading of available memory, for checks during the run."""
-    return read_machine_memory(backend).available_gb
 
 
 class MemoryWatchdog:

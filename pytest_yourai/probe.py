@@ -35,9 +35,9 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 
 from pytest_yourai.presets import builtin_presets
+from pytest_yourai.runner import RESULT_PREFIX
 
 GB = 1e9
-RESULT_PREFIX = "BENCHMARK_RESULT:"
 SPEC_ENV = "YOURAI_PROBE_SPEC"
 DEFAULT_STEPS = 4
 DTYPES = ("float32", "bfloat16", "float16")

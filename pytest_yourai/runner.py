@@ -51,7 +51,6 @@ class _StreamTail:
         self._partial = b""
         self.result_line: str | None = None
         self.last_line = ""
-        self.total_bytes = 0
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._drain, daemon=True)
         self._thread.start()
@@ -72,7 +71,6 @@ class _StreamTail:
 
     def _feed(self, chunk: bytes) -> None:
         with self._lock:
-            self.total_bytes += len(chunk)
             self._tail.append(chunk)
             self._tail_size += len(chunk)
             while self._tail_size - len(self._tail[0]) >= TAIL_BYTES:
