@@ -193,7 +193,7 @@ class YouraiHooks:
             reporter.write_line(line)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        rows = list(self.session.results.values())
+        rows = self.session.ordered_results()
         if self.session.is_worker or not rows:
             return
         terminalreporter.section("yourai: LoRA memory benchmark")

@@ -74,7 +74,6 @@ class ResultRow:
     properties: dict[str, Any] = field(default_factory=dict)
     outcome: str = ""  # passed | failed | skipped
     verdict: str = ""
-    longrepr: str = ""
 
     def get(self, name: str, default: Any = None) -> Any:
         return self.properties.get(PROP_PREFIX + name, default)
@@ -144,7 +143,7 @@ class YouraiSession:
         lines for the terminal saying what was written."""
         from pytest_yourai import report
 
-        rows = list(self.results.values())
+        rows = self.ordered_results()
         written: list[str] = []
         if not rows:
             return written
@@ -216,7 +215,7 @@ class YouraiSession:
     def write_complete(self) -> None:
         if not self.started or self.is_worker:
             return
-        rows = list(self.results.values())
+        rows = self.ordered_results()
         self.log.write_event(
             BENCHMARK_COMPLETE,
             total_tested=sum(1 for r in rows if r.outcome in ("passed", "failed")),
@@ -429,6 +428,15 @@ class YouraiSession:
 
     # -- results (controller or single process) -------------------------------------------
 
+    def ordered_results(self) -> list[ResultRow]:
+        """Results in preset order (smallest first, as parametrized), not in the order
+        xdist workers happened to finish them."""
+        rank = {preset.name: index for index, preset in enumerate(self.presets)}
+        return sorted(
+            self.results.values(),
+            key=lambda row: (rank.get(str(row.get("preset")), len(rank)), row.nodeid),
+        )
+
     def record(self, report: pytest.TestReport) -> ResultRow | None:
         props = {k: v for k, v in report.user_properties if str(k).startswith(PROP_PREFIX)}
         if not props and report.nodeid not in self.results:
@@ -440,8 +448,6 @@ class YouraiSession:
         elif report.when == "teardown" and report.failed:
             row.outcome = "failed"
         row.verdict = verdict_for(row, report)
-        if report.failed:
-            row.longrepr = str(report.longrepr)
         return row
 
 
