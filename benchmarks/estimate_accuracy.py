@@ -6,7 +6,9 @@
 
 ``run`` spawns ``python -m pytest_yourai.probe`` once per grid line (each in its own process,
 under the plugin's supervisor and timeout) and appends one JSON line per run to ``--out``:
-the grid entry, the probe's exact command line, its BENCHMARK_RESULT and the machine.
+the grid entry, the probe's exact command line, its BENCHMARK_RESULT and the machine. Lines
+already in ``--out`` are skipped, so an interrupted grid resumes. ``--jobs N`` runs N probes
+at once while their conservative estimates fit ``--budget-gb``.
 
 ``report`` recomputes the estimate of every measured run with the current estimator and
 prints, per backend: the median and max absolute % error of estimated_base_gb against the
@@ -23,6 +25,8 @@ import platform
 import shlex
 import statistics
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,26 +71,76 @@ def probe_argv(entry: dict[str, Any]) -> list[str]:
     return argv
 
 
-def run(grid: Path, out: Path, timeout_s: float) -> int:
+def grid_shape(entry: dict[str, Any], backend: str) -> TrainingShape:
+    fields = {k: entry[k] for k in RUN_FIELDS if k in entry and k != "steps"}
+    return TrainingShape(
+        grad_checkpoint=bool(entry.get("grad_checkpoint")), backend=backend, **fields
+    )
+
+
+class MemoryBudget:
+    """Admits concurrent probes while the sum of their conservative estimates fits."""
+
+    def __init__(self, budget_gb: float) -> None:
+        self.budget_gb = budget_gb
+        self.used_gb = 0.0
+        self.condition = threading.Condition()
+
+    def acquire(self, need_gb: float) -> float:
+        need_gb = min(need_gb, self.budget_gb)  # one too big for the budget runs alone
+        with self.condition:
+            self.condition.wait_for(lambda: self.used_gb + need_gb <= self.budget_gb)
+            self.used_gb += need_gb
+        return need_gb
+
+    def release(self, held_gb: float) -> None:
+        with self.condition:
+            self.used_gb -= held_gb
+            self.condition.notify_all()
+
+
+def run(
+    grid: Path,
+    out: Path,
+    timeout_s: float,
+    jobs: int = 1,
+    budget_gb: float = 0.0,
+    backend: str = "cuda",
+) -> int:
+    """Probe every grid line; with ``jobs`` > 1, several at once within ``budget_gb``.
+
+    Each probe is its own process and MLX's peak counter is per process, so running probes
+    side by side does not change what each one measures, only how long the grid takes."""
     entries = [json.loads(line) for line in grid.read_text().splitlines() if line.strip()]
-    failures = 0
-    for index, entry in enumerate(entries, start=1):
+    if out.exists():  # resume: skip what --out already holds
+        done = [json.loads(line).get("grid") for line in out.read_text().splitlines() if line]
+        entries = [entry for entry in entries if entry not in done]
+    budget = MemoryBudget(budget_gb) if jobs > 1 else None
+    write_lock = threading.Lock()
+
+    def probe(index: int, entry: dict[str, Any]) -> bool:
         argv = probe_argv(entry)
         shown = " ".join(shlex.quote(a) for a in ["python", *argv[1:]]).replace(
             str(HERE) + "/", "benchmarks/"
         )
+        held = 0.0
+        if budget is not None:
+            need = estimate_training_memory(architecture(entry), grid_shape(entry, backend))
+            held = budget.acquire(need.estimated_conservative_gb)
         print(f"[{index}/{len(entries)}] {shown}", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "YOURAI_PROBE_SPEC"}
-        with ProbeProcess(argv, env) as proc:
-            outcome = proc.wait(timeout_s)
+        try:
+            with ProbeProcess(argv, env) as proc:
+                outcome = proc.wait(timeout_s)
+        finally:
+            if budget is not None:
+                budget.release(held)
         result = outcome.result or {
             "status": "timeout" if outcome.timed_out else "error",
             "error": outcome.result_problem,
             "stdout_tail": outcome.stdout_tail[-1500:],
             "stderr_tail": outcome.stderr_tail[-1500:],
         }
-        if result.get("status") != "ok":
-            failures += 1
         record = {
             "name": entry_name(entry),
             "grid": entry,
@@ -95,14 +149,20 @@ def run(grid: Path, out: Path, timeout_s: float) -> int:
             "result": result,
             "machine": {"platform": platform.platform(), "python": platform.python_version()},
         }
-        with open(out, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        with write_lock:
+            with open(out, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
         peak = result.get("train_peak_memory_gb")
         print(
-            f"    -> {result.get('status')} train_peak={peak} GB in {outcome.elapsed_s:.0f} s",
+            f"    [{index}] -> {result.get('status')} train_peak={peak} GB "
+            f"in {outcome.elapsed_s:.0f} s",
             flush=True,
         )
-    return 1 if failures else 0
+        return result.get("status") == "ok"
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        oks = list(pool.map(lambda item: probe(*item), enumerate(entries, start=1)))
+    return 0 if all(oks) else 1
 
 
 def shape_of(record: dict[str, Any]) -> TrainingShape:
@@ -183,11 +243,19 @@ def main() -> int:
     run_p.add_argument("grid", type=Path)
     run_p.add_argument("--out", type=Path, required=True)
     run_p.add_argument("--timeout", type=float, default=900.0)
+    run_p.add_argument("--jobs", type=int, default=1, help="probes at once (default 1)")
+    run_p.add_argument(
+        "--budget-gb",
+        type=float,
+        default=60.0,
+        help="with --jobs > 1: the most GB the running probes' conservative estimates may sum to",
+    )
+    run_p.add_argument("--backend", default="cuda", choices=("cpu", "cuda", "metal"))
     report_p = sub.add_parser("report", help="estimator vs measured, per backend")
     report_p.add_argument("results", type=Path, nargs="+")
     args = parser.parse_args()
     if args.command == "run":
-        return run(args.grid, args.out, args.timeout)
+        return run(args.grid, args.out, args.timeout, args.jobs, args.budget_gb, args.backend)
     return report(args.results)
 
 
