@@ -8,11 +8,10 @@ mlx-lm's trainer, with the model resident. Terms follow how mlx-lm allocates:
   divide by the group size stay in the model dtype, as ``nn.quantize`` leaves them;
 - LoRA: mlx-lm creates ``lora_a``/``lora_b`` in float32 on every linear of the adapted
   blocks; gradients and Adam's two moments are float32 too (16 bytes per trainable weight);
-- activations: what the backward pass keeps for each adapted block, per token, in float32
-  (LoRA's float32 output promotes the adapted span); with gradient checkpointing only each
-  block's input is kept, plus one block recomputed at a time;
-- logits and the float32 cross-entropy over the vocabulary;
-- framework overhead: a per-backend constant.
+- activations: what the backward pass keeps for each adapted block, per token, in the model
+  dtype; with gradient checkpointing only each block's input is kept, plus one live block;
+- logits and the cross-entropy over the vocabulary;
+- framework overhead: MLX's in-flight command-buffer window (below).
 
 The fitted terms have per-backend coefficients, found by ``benchmarks/calibrate_estimator.py``
 from probe measurements (CALIBRATION below). Two kinds of memory sit above the resident model:
