@@ -12,6 +12,7 @@ import pytest
 
 from pytest_yourai.estimate import lora_parameter_count
 from pytest_yourai.presets import builtin_presets, count_parameters
+from pytest_yourai.probe import BOUNDED_IN_FLIGHT_ENV, apply_in_flight
 
 SCRIPTS = Path(__file__).parent / "scripts"
 TINY = dict(
@@ -68,6 +69,26 @@ def test_tiny_preset_result_fields() -> None:
     assert result["process_peak_rss_gb"] > 0 and isinstance(result["peak_growth"], bool)
     assert result["config"]["lora_rank"] == 8 and result["config"]["dtype"] == "float32"
     assert "building block 1/4" in stdout and "step 3/3 loss=" in stdout
+    # By default MLX encodes one op ahead of the device, so the peak is the step's own.
+    assert result["config"]["in_flight"] == "bounded"
+    assert result["mlx_buffer_env"] == BOUNDED_IN_FLIGHT_ENV
+
+
+def test_in_flight_mode_mlx_leaves_mlx_defaults() -> None:
+    result, _, code = probe(
+        "--preset", "tiny-llama", "--steps", "1", "--seq-len", "32", "--in-flight", "mlx"
+    )
+    assert code == 0 and result["config"]["in_flight"] == "mlx"
+    assert result["mlx_buffer_env"] == {}
+
+
+def test_apply_in_flight_keeps_what_the_user_set() -> None:
+    env = {"MLX_MAX_OPS_PER_BUFFER": "8"}
+    assert apply_in_flight("bounded", env) == {
+        "MLX_MAX_OPS_PER_BUFFER": "8",
+        "MLX_MAX_MB_PER_BUFFER": "1",
+    }
+    assert apply_in_flight("mlx", {}) == {}
 
 
 def test_spec_from_the_environment_and_flags_override() -> None:
