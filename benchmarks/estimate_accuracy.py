@@ -44,6 +44,7 @@ RUN_FIELDS = (
     "lora_rank",
     "lora_layers",
     "steps",
+    "in_flight",
 )
 
 
@@ -109,8 +110,9 @@ def run(
 ) -> int:
     """Probe every grid line; with ``jobs`` > 1, several at once within ``budget_gb``.
 
-    Each probe is its own process and MLX's peak counter is per process, so running probes
-    side by side does not change what each one measures, only how long the grid takes."""
+    Each probe is its own process and MLX's peak counter is per process. With the probe's
+    default ``--in-flight bounded`` running probes side by side does not change what each one
+    measures; with ``in_flight: mlx`` it does (a busy GPU lets more work queue up)."""
     entries = [json.loads(line) for line in grid.read_text().splitlines() if line.strip()]
     if out.exists():  # resume: skip what --out already holds
         done = [json.loads(line).get("grid") for line in out.read_text().splitlines() if line]
@@ -165,7 +167,10 @@ def run(
     return 0 if all(oks) else 1
 
 
-def shape_of(record: dict[str, Any]) -> TrainingShape:
+def shape_of(record: dict[str, Any], legacy_in_flight: str = "mlx") -> TrainingShape:
+    """The estimator's input for a measured run. Results from before the probe had
+    ``--in-flight`` carry no mode; they ran with MLX's defaults unless the command that
+    produced them set the buffer limits (``legacy_in_flight``)."""
     config = record["result"]["config"]
     return TrainingShape(
         bits=int(config["bits"]),
@@ -177,10 +182,11 @@ def shape_of(record: dict[str, Any]) -> TrainingShape:
         lora_layers=int(config["lora_layers"]),
         grad_checkpoint=bool(config.get("grad_checkpoint", False)),
         backend=str(record["result"]["backend"]),
+        in_flight=str(config.get("in_flight", legacy_in_flight)),
     )
 
 
-def report(paths: list[Path]) -> int:
+def report(paths: list[Path], legacy_in_flight: str = "mlx") -> int:
     records = []
     for path in paths:
         for line in path.read_text().splitlines():
@@ -197,7 +203,7 @@ def report(paths: list[Path]) -> int:
     )
     for record in records:
         arch = architecture(record["grid"])
-        shape = shape_of(record)
+        shape = shape_of(record, legacy_in_flight)
         estimate = estimate_training_memory(arch, shape)
         measured = float(record["result"]["train_peak_memory_gb"])
         seed_low, seed_high = seed_estimate_gb(count_parameters(arch) / 1e9)
@@ -211,7 +217,7 @@ def report(paths: list[Path]) -> int:
             f"{error:>+7.1f} {estimate.estimated_conservative_gb:>8.3f} "
             f"{seed_low:>6.1f}-{seed_high:<6.1f}"
         )
-        by_backend.setdefault(shape.backend, []).append(
+        by_backend.setdefault(f"{shape.backend}, in flight: {shape.in_flight}", []).append(
             (
                 measured,
                 estimate.estimated_base_gb,
@@ -253,10 +259,17 @@ def main() -> int:
     run_p.add_argument("--backend", default="cuda", choices=("cpu", "cuda", "metal"))
     report_p = sub.add_parser("report", help="estimator vs measured, per backend")
     report_p.add_argument("results", type=Path, nargs="+")
+    report_p.add_argument(
+        "--legacy-in-flight",
+        choices=("bounded", "mlx"),
+        default="mlx",
+        help="the mode of results that record none (older probe): mlx unless they were "
+        "measured with MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1",
+    )
     args = parser.parse_args()
     if args.command == "run":
         return run(args.grid, args.out, args.timeout, args.jobs, args.budget_gb, args.backend)
-    return report(args.results)
+    return report(args.results, args.legacy_in_flight)
 
 
 if __name__ == "__main__":

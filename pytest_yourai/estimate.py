@@ -11,20 +11,21 @@ mlx-lm's trainer, with the model resident. Terms follow how mlx-lm allocates:
 - activations: what the backward pass keeps for each adapted block, per token, in the model
   dtype; with gradient checkpointing only each block's input is kept, plus one live block;
 - logits and the cross-entropy over the vocabulary;
-- framework overhead: MLX's in-flight command-buffer window (below).
+- framework overhead: a fitted constant, plus MLX's in-flight window with ``in_flight="mlx"``.
 
 The fitted terms have per-backend coefficients, found by ``benchmarks/calibrate_estimator.py``
-from probe measurements (CALIBRATION below). Two kinds of memory sit above the resident model:
+from probe measurements (CALIBRATION below; docs/estimator.md has the commands and figures):
 
-- the graph's own: what the backward pass keeps (per adapted block: the MLP's and the
-  attention's activations; gradient checkpointing keeps block inputs instead), the logits and
-  the cross-entropy, explicit attention scores where attention is not fused (Gemma 2's
-  soft-capping on every backend; every model on CPU and, assumed, Metal). Measured with MLX's
-  command-buffer window shut (``MLX_MAX_OPS_PER_BUFFER=1``), this part is deterministic;
-- the in-flight window: MLX encodes ahead of the GPU, up to 10 committed command buffers of
-  up to 100 ops / 1000 MB each on an H100, and every op's inputs stay alive until its buffer
-  finishes. How much that holds depends on how far the host runs ahead of the GPU (quantized
-  kernels, checkpoint recompute and a busy GPU hold more), so it is fitted, capped, and the
+- the graph's own memory: what the backward pass keeps (per live block: the MLP's and the
+  attention's activations; gradient checkpointing keeps block inputs instead, and MLX's
+  breadth-first scheduler recomputes some blocks ahead of their backward), the logits and the
+  cross-entropy, explicit attention scores where attention is not fused (Gemma 2's
+  soft-capping on every backend; every model on CPU and, assumed, Metal), and per-token
+  hidden-width tensors outside the blocks. The probe measures this by default
+  (``--in-flight bounded``: MLX encodes one op ahead of the device), and it repeats;
+- with ``in_flight="mlx"`` (MLX's defaults), the in-flight window: MLX encodes ahead of the
+  GPU, up to 10 committed command buffers, and every op's inputs stay alive until its buffer
+  finishes. How much that holds depends on timing, so it is fitted, capped, and the
   conservative estimate uses an upper envelope of it instead of the typical value.
 
 Usage::
@@ -47,14 +48,17 @@ from pytest_yourai.presets import head_dim, qkv_has_bias, tie_embeddings
 
 GB = 1e9
 BACKENDS = ("cpu", "cuda", "metal")
+# How far MLX may encode ahead of the device: "bounded" is the probe's default (one op per
+# command buffer), "mlx" is MLX's own default (see the in-flight window below).
+IN_FLIGHT_MODES = ("bounded", "mlx")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Per-backend coefficients, in bytes per unit of each feature (see calibration_features), from
-# benchmarks/calibrate_estimator.py. CUDA: 59 H100 runs with the window shut for the graph
-# terms, 69 default runs for the window (11 architectures, 1B-70B). CPU: 6 tiny runs, graph
-# terms only (no window measured there). Metal: not measured; the graph terms are CUDA's plus
-# unfused attention scores (no fused SDPA backward assumed in training), and the window is
-# capped by Metal's smaller command buffers (about 10 x 50 MB). CPU: tiny shapes only.
+# benchmarks/calibrate_estimator.py (commands in docs/estimator.md). CUDA: 84 H100 runs with
+# the in-flight window bounded for the graph terms (16 architectures, 1B-70B), 69 runs with
+# MLX's defaults for the window. CPU: below. Metal: not measured; the graph terms are CUDA's
+# plus unfused attention scores (no fused SDPA backward assumed in training), and the window
+# is capped by Metal's smaller command buffers (about 10 x 50 MB).
 WINDOW_TERMS = (
     "quantized",
     "dense",
@@ -65,34 +69,47 @@ WINDOW_TERMS = (
 
 CALIBRATION: dict[str, dict[str, float]] = {
     "cuda": {
-        "logits": 4.471,
-        "softcap": 2.192,
-        "mlp": 13.2,
-        "attention": 11.54,
-        "checkpoint": 0.9562,
-        "scores": 5.182,
-        "window_quantized": 7.617,
-        "window_dense": 2.881,
-        "window_quantized_checkpoint": 35.35,
-        "window_dense_checkpoint": 5.78,
-        "window_rank": 2186.0,
-        "window_cap_gb": 14.23,
-        "window_blocks": 91.28,
-        "envelope_quantized": 12.75,
-        "envelope_dense": 7.768,
-        "envelope_quantized_checkpoint": 23.19,
-        "envelope_dense_checkpoint": 4.345,
-        "envelope_rank": 4650.0,
+        "logits": 3.835,
+        "softcap": 2.442,
+        "mlp": 14.08,
+        "attention": 7.651,
+        "checkpoint": 0.5308,
+        "scores": 5.427,
+        "checkpoint_ahead": 0.0,
+        "checkpoint_ahead_fused": 24.02,
+        "hidden": 59.75,
+        "constant": 0.0,
+        "window_quantized": 10.87,
+        "window_dense": 6.597,
+        "window_quantized_checkpoint": 18.69,
+        "window_dense_checkpoint": 0.7059,
+        "window_rank": 1590.0,
+        "window_cap_gb": 16.85,
+        "window_blocks": 19.85,
+        "envelope_quantized": 23.63,
+        "envelope_dense": 10.86,
+        "envelope_quantized_checkpoint": 26.17,
+        "envelope_dense_checkpoint": 4.197,
+        "envelope_rank": 2648.0,
         "envelope_cap_gb": 19.0,
     },
 }
-# CPU: the graph terms are CUDA's (six tiny CPU runs are too few to fit six terms; with these
-# the CPU grid is within the figures in docs/estimator.md); attention is unfused there, and no
-# command-buffer window was measured.
+# CPU: fitted on 56 tiny runs (6 architectures, float32 and bfloat16); MLX's CPU backend
+# runs ops in order on one stream, so there is no in-flight window to model.
 CALIBRATION["cpu"] = {
-    **CALIBRATION["cuda"],
+    "logits": 6.864,
+    "softcap": 5.642,
+    "mlp": 8.41,
+    "attention": 7.915,
+    "checkpoint": 0.0,
+    "scores": 3.297,
+    "checkpoint_ahead": 0.0,
+    "checkpoint_ahead_fused": 15.64,
+    "hidden": 75.09,
+    "constant": 0.7254,
     **{f"{p}_{t}": 0.0 for p in ("window", "envelope") for t in WINDOW_TERMS},
     "window_cap_gb": 0.0,
+    "window_blocks": 1.0,
     "envelope_cap_gb": 0.0,
 }
 CALIBRATION["metal"] = {
@@ -100,50 +117,79 @@ CALIBRATION["metal"] = {
     "window_cap_gb": 0.5,
     "envelope_cap_gb": 1.0,
 }
-# The conservative estimate: graph terms x GRAPH_MARGIN plus the window's envelope x
-# ENVELOPE_MARGIN (capped). The envelope covers every measured run; the margin is for shapes
-# not measured (fitted on the older grids alone, the envelope missed 13 of 32 new runs).
-GRAPH_MARGIN = {"cuda": 1.1, "metal": 1.25, "cpu": 1.4}
+# The conservative estimate: graph terms x GRAPH_MARGIN (CHECKPOINT_MARGIN with gradient
+# checkpointing, whose recompute-ahead depends on MLX's scheduling), plus, with MLX's own
+# in-flight window, its envelope x ENVELOPE_MARGIN (capped). The least margins that cover
+# every calibration run are 1.10 (CUDA), 1.47 (CUDA, checkpointed) and 1.34 (CPU); the rest
+# is for shapes not measured. The envelope covers every measured default-window run.
+GRAPH_MARGIN = {"cuda": 1.2, "metal": 1.3, "cpu": 1.45}
+CHECKPOINT_MARGIN = 1.6
 ENVELOPE_MARGIN = 1.5
 UNFUSED_ATTENTION_MODEL_TYPES = frozenset({"gemma2"})
 
-GRAPH_TERMS = ("logits", "softcap", "mlp", "attention", "checkpoint", "scores")
+GRAPH_TERMS = (
+    "logits",
+    "softcap",
+    "mlp",
+    "attention",
+    "checkpoint",
+    "checkpoint_ahead",
+    "checkpoint_ahead_fused",
+    "scores",
+    "hidden",
+    "constant",
+)
+# mlx-lm builds these with fused projections (qkv_proj, gate_up_proj): fewer ops per block,
+# so with gradient checkpointing MLX's breadth-first scheduler recomputes more blocks ahead
+# of their backward (phi-4, 2 x 2048 tokens: 16.66 GB, 13.37 GB with MLX_BFS_MAX_WIDTH=1).
+FUSED_PROJECTION_MODEL_TYPES = frozenset({"phi3"})
 
 
 def calibration_features(arch: Mapping[str, Any], shape: TrainingShape) -> dict[str, float]:
     """The fitted terms' inputs (see CALIBRATION); each is multiplied by a bytes coefficient.
 
-    T = batch x seq tokens, L = adapted blocks, N = all blocks. Graph terms: ``logits`` T x
-    vocab (one more for final-logit soft-capping, ``softcap``); per adapted block ``mlp``
-    T x intermediate and ``attention`` T x (q + k + v widths); ``checkpoint`` T x L x hidden
-    (with gradient checkpointing only one block is live, so L counts 1 in the others);
-    ``scores`` T x seq x heads per live block, where attention is computed unfused. Window
-    terms: T x N x (hidden + intermediate), split by quantized/dense weights and checkpointing,
-    and T x L x rank for quantized runs."""
+    T = batch x seq tokens (scaled by the dtype's width: the terms are calibrated on
+    bfloat16), L = adapted blocks, N = all blocks, w = q + k + v widths. Graph terms:
+    ``logits`` T x vocab (one more for final-logit soft-capping, ``softcap``); per live block
+    ``mlp`` T x intermediate and ``attention`` T x w, where every adapted block is live, or one
+    with gradient checkpointing, which keeps ``checkpoint`` T x L x hidden instead and
+    recomputes blocks ahead of their backward (``checkpoint_ahead``, T x (intermediate + w),
+    apart for fused-projection models); ``scores`` T x seq x heads per live block where
+    attention is unfused; ``hidden`` T x hidden outside the blocks (embeddings, final norm,
+    the head's input gradient, frozen blocks' transients); ``constant`` (MB). Window terms
+    (``in_flight="mlx"`` only): T x N x (hidden + intermediate), split by quantized/dense
+    weights and checkpointing, and T x L x rank for quantized runs."""
     hidden = int(arch["hidden_size"])
     inter = int(arch["intermediate_size"])
     vocab = int(arch["vocab_size"])
     blocks = int(arch["num_hidden_layers"])
     heads = int(arch["num_attention_heads"])
     kv_heads = int(arch.get("num_key_value_heads") or heads)
+    width = (heads + 2 * kv_heads) * head_dim(arch)
     adapted = min(shape.lora_layers, blocks)
     tokens = float(shape.batch_size * shape.seq_len)
     live = 1 if shape.grad_checkpoint else adapted
     unfused = shape.backend in ("cpu", "metal") or (
         arch.get("model_type") in UNFUSED_ATTENTION_MODEL_TYPES
     )
+    fused = 1.0 if arch.get("model_type") in FUSED_PROJECTION_MODEL_TYPES else 0.0
     quantized = 1.0 if shape.bits < 16 else 0.0
     checkpoint = 1.0 if shape.grad_checkpoint else 0.0
     window = tokens * (hidden + inter)  # per block in the window; see window_bytes
     # Graph terms are calibrated on bfloat16 models; activations follow the model dtype.
-    tokens_graph = tokens * DTYPE_BYTES[shape.dtype] / 2
+    t = tokens * DTYPE_BYTES[shape.dtype] / 2
+    ahead = t * (inter + width) * checkpoint
     return {
-        "logits": tokens_graph * vocab,
-        "softcap": tokens_graph * vocab if arch.get("final_logit_softcapping") else 0.0,
-        "mlp": tokens_graph * live * inter,
-        "attention": tokens_graph * live * (heads + 2 * kv_heads) * head_dim(arch),
-        "checkpoint": tokens_graph * adapted * hidden * checkpoint,
-        "scores": tokens_graph * shape.seq_len * heads * live if unfused else 0.0,
+        "logits": t * vocab,
+        "softcap": t * vocab if arch.get("final_logit_softcapping") else 0.0,
+        "mlp": t * live * inter,
+        "attention": t * live * width,
+        "checkpoint": t * adapted * hidden * checkpoint,
+        "checkpoint_ahead": ahead * (1 - fused),
+        "checkpoint_ahead_fused": ahead * fused,
+        "scores": t * shape.seq_len * heads * live if unfused else 0.0,
+        "hidden": t * hidden,
+        "constant": 1e6,
         "quantized": window * quantized * (1 - checkpoint),
         "dense": window * (1 - quantized) * (1 - checkpoint),
         "quantized_checkpoint": window * quantized * checkpoint,
@@ -180,6 +226,7 @@ class TrainingShape:
     lora_layers: int = 16
     grad_checkpoint: bool = False
     backend: str = "cpu"
+    in_flight: str = "bounded"
 
 
 @dataclass(frozen=True)
@@ -252,6 +299,10 @@ def estimate_training_memory(arch: Mapping[str, Any], shape: TrainingShape) -> E
         raise ValueError(f"unknown backend {shape.backend!r}; expected one of {BACKENDS}")
     if shape.dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {shape.dtype!r}; expected one of {tuple(DTYPE_BYTES)}")
+    if shape.in_flight not in IN_FLIGHT_MODES:
+        raise ValueError(
+            f"unknown in_flight {shape.in_flight!r}; expected one of {IN_FLIGHT_MODES}"
+        )
     adapted = min(shape.lora_layers, int(arch["num_hidden_layers"]))
     weights = weight_bytes(arch, shape.bits, shape.group_size, shape.dtype)
     lora_params = lora_parameter_count(arch, shape.lora_rank, adapted)
@@ -262,27 +313,33 @@ def estimate_training_memory(arch: Mapping[str, Any], shape: TrainingShape) -> E
     features = calibration_features(arch, shape)
     coefficients = CALIBRATION[shape.backend]
     graph = {t: coefficients[t] * features[t] for t in GRAPH_TERMS}
-    window = window_bytes(features, coefficients)
-    envelope = min(
-        window_bytes(features, coefficients, "envelope") * ENVELOPE_MARGIN,
-        coefficients["envelope_cap_gb"] * GB,
-    )
+    if shape.in_flight == "mlx":
+        window = window_bytes(features, coefficients)
+        envelope = min(
+            window_bytes(features, coefficients, "envelope") * ENVELOPE_MARGIN,
+            coefficients["envelope_cap_gb"] * GB,
+        )
+    else:  # one op in flight: nothing beyond the graph (the graph terms were fitted so)
+        window = envelope = 0.0
 
+    activations = sum(
+        graph[t]
+        for t in ("mlp", "attention", "checkpoint", "checkpoint_ahead", "checkpoint_ahead_fused")
+    )
     breakdown = {
         "weights_gb": weights / GB,
         "lora_parameters_gb": lora / GB,
         "gradients_gb": gradients / GB,
         "optimizer_state_gb": optimizer / GB,
-        "activations_gb": (graph["mlp"] + graph["attention"] + graph["checkpoint"]) / GB,
+        "activations_gb": (activations + graph["hidden"]) / GB,
         "attention_scores_gb": graph["scores"] / GB,
         "logits_and_loss_gb": (graph["logits"] + graph["softcap"]) / GB,
-        "framework_overhead_gb": window / GB,
+        "framework_overhead_gb": (graph["constant"] + window) / GB,
     }
     base = sum(breakdown.values())
     exact = weights + lora + gradients + optimizer
-    conservative = (
-        exact + sum(graph.values()) * GRAPH_MARGIN[shape.backend] + max(window, envelope)
-    ) / GB
+    margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
+    conservative = (exact + sum(graph.values()) * margin + max(window, envelope)) / GB
     return Estimate(
         estimated_base_gb=base,
         estimated_conservative_gb=max(conservative, base),
@@ -374,6 +431,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lora-layers", type=_positive_int, default=16)
     parser.add_argument("--grad-checkpoint", action="store_true")
     parser.add_argument("--backend", choices=BACKENDS, default="cpu")
+    parser.add_argument(
+        "--in-flight",
+        choices=IN_FLIGHT_MODES,
+        default="bounded",
+        help="bounded (the probe's default): MLX encodes one op ahead of the device; "
+        "mlx: MLX's defaults, which add the in-flight window (framework_overhead_gb)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
     try:
@@ -397,6 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lora_layers=args.lora_layers,
         grad_checkpoint=args.grad_checkpoint,
         backend=args.backend,
+        in_flight=args.in_flight,
     )
     estimate = estimate_training_memory(arch, shape)
     if args.json:

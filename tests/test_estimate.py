@@ -157,3 +157,46 @@ def test_cli_breakdown_and_errors() -> None:
     assert proc.returncode == 0 and "estimated_conservative_gb" in proc.stdout
     bad = _cli("--preset", "nope")
     assert bad.returncode == 2 and "nope" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_mlx_in_flight_window_adds_framework_overhead_only() -> None:
+    shape = replace(BASE, lora_layers=32, seq_len=2048)
+    bounded = estimate_training_memory(ARCH_7B, shape)
+    mlx = estimate_training_memory(ARCH_7B, replace(shape, in_flight="mlx"))
+    assert mlx.breakdown["framework_overhead_gb"] > bounded.breakdown["framework_overhead_gb"]
+    for key in ("weights_gb", "activations_gb", "logits_and_loss_gb", "attention_scores_gb"):
+        assert mlx.breakdown[key] == bounded.breakdown[key]
+    assert mlx.estimated_conservative_gb > bounded.estimated_conservative_gb
+
+
+def test_unknown_in_flight_mode_is_an_error() -> None:
+    with pytest.raises(ValueError, match="in_flight"):
+        estimate_training_memory(ARCH_7B, replace(BASE, in_flight="eager"))
+
+
+def test_checkpointing_fused_projection_models_keeps_more_blocks_live() -> None:
+    # mlx-lm's phi3 fuses qkv and gate/up; the same shapes as a llama recompute further ahead.
+    llama = {**ARCH_7B, "model_type": "llama"}
+    phi3 = {**ARCH_7B, "model_type": "phi3"}
+    shape = replace(BASE, lora_layers=32, seq_len=2048, grad_checkpoint=True)
+    fused = estimate_training_memory(phi3, shape).breakdown["activations_gb"]
+    assert fused > estimate_training_memory(llama, shape).breakdown["activations_gb"]
+    plain = replace(shape, grad_checkpoint=False)
+    assert estimate_training_memory(phi3, plain).estimated_base_gb == pytest.approx(
+        estimate_training_memory(llama, plain).estimated_base_gb
+    )
+
+
+def test_cli_in_flight_matches_the_function() -> None:
+    proc = _cli(
+        "--preset", "hermes-mistral-7b", "--backend", "cuda", "--in-flight", "mlx", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    shape = TrainingShape(dtype="bfloat16", backend="cuda", in_flight="mlx")
+    expected = estimate_training_memory(ARCH_7B, shape)
+    data = json.loads(proc.stdout)
+    assert data["breakdown"]["framework_overhead_gb"] == pytest.approx(
+        expected.breakdown["framework_overhead_gb"], abs=1e-3
+    )
+    bad = _cli("--preset", "tiny-llama", "--in-flight", "eager")
+    assert bad.returncode == 2 and "eager" in bad.stderr and "Traceback" not in bad.stderr
