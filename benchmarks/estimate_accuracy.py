@@ -30,7 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pytest_yourai.estimate import TrainingShape, estimate_training_memory, seed_estimate_gb
+from pytest_yourai.estimate import (
+    IN_FLIGHT_MODES,
+    TrainingShape,
+    estimate_training_memory,
+    seed_estimate_gb,
+)
 from pytest_yourai.presets import builtin_presets, count_parameters
 from pytest_yourai.runner import ProbeProcess
 
@@ -261,7 +266,7 @@ def main() -> int:
     report_p.add_argument("results", type=Path, nargs="+")
     report_p.add_argument(
         "--legacy-in-flight",
-        choices=("bounded", "mlx"),
+        choices=IN_FLIGHT_MODES,
         default="mlx",
         help="the mode of results that record none (older probe): mlx unless they were "
         "measured with MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1",

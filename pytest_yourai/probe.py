@@ -34,6 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 
+from pytest_yourai.estimate import IN_FLIGHT_MODES
 from pytest_yourai.presets import builtin_presets
 from pytest_yourai.runner import RESULT_PREFIX
 
@@ -51,7 +52,6 @@ _OOM_PATTERNS = re.compile(
 
 _out = sys.stdout
 
-IN_FLIGHT_MODES = ("bounded", "mlx")
 # MLX encodes GPU work ahead of the device in command buffers (Metal) or graphs (CUDA) and
 # keeps every input of an encoded op alive until the device has run it. How far ahead it
 # gets depends on timing, so with MLX's defaults the same step peaks anywhere from its
