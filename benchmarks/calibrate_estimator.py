@@ -37,6 +37,7 @@ from estimate_accuracy import architecture, shape_of
 from scipy.optimize import linprog, minimize, nnls
 
 from pytest_yourai.estimate import (
+    BACKENDS,
     CALIBRATION,
     GB,
     GRAPH_TERMS,
@@ -184,7 +185,7 @@ def report(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", required=True, choices=("cpu", "cuda", "metal"))
+    parser.add_argument("--backend", required=True, choices=BACKENDS)
     parser.add_argument("--graph", type=Path, nargs="+", required=True)
     parser.add_argument("--window", type=Path, nargs="*", default=[])
     parser.add_argument("--holdout", type=Path, nargs="*", default=[])

@@ -3,6 +3,7 @@
     python benchmarks/estimate_accuracy.py run benchmarks/grids/accuracy_cpu.jsonl \
         --out benchmarks/results/accuracy-cpu.jsonl
     python benchmarks/estimate_accuracy.py report benchmarks/results/*.jsonl
+    python benchmarks/estimate_accuracy.py repeat FIRST.jsonl SECOND.jsonl
 
 ``run`` spawns ``python -m pytest_yourai.probe`` once per grid line (each in its own process,
 under the plugin's supervisor and timeout) and appends one JSON line per run to ``--out``:
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_yourai.estimate import (
+    BACKENDS,
     IN_FLIGHT_MODES,
     TrainingShape,
     estimate_training_memory,
@@ -247,6 +249,32 @@ def report(paths: list[Path], legacy_in_flight: str = "mlx") -> int:
     return 0
 
 
+def repeat(first: Path, second: Path) -> int:
+    """How the same grid lines measured in two result files (say, alone and side by side)."""
+
+    def peaks(path: Path) -> dict[str, tuple[str, float]]:
+        out = {}
+        for line in path.read_text().splitlines():
+            record = json.loads(line) if line.strip() else {}
+            result = record.get("result", {})
+            if result.get("status") == "ok":
+                mode = str(result["config"].get("in_flight", "mlx"))
+                key = json.dumps(record["grid"], sort_keys=True)
+                out[key] = (mode, float(result["train_peak_memory_gb"]))
+        return out
+
+    a, b = peaks(first), peaks(second)
+    for mode in sorted({m for m, _ in a.values()}):
+        pairs = [(a[k][1], b[k][1]) for k in a if k in b and a[k][0] == mode]
+        diffs = sorted(abs(x - y) / y * 100 for x, y in pairs if x != y)
+        worst = f", the others within {max(diffs):.2f}%" if diffs else ""
+        print(
+            f"in flight {mode}: {len(pairs)} configs in both, "
+            f"{len(pairs) - len(diffs)} identical{worst}"
+        )
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,7 +289,7 @@ def main() -> int:
         default=60.0,
         help="with --jobs > 1: the most GB the running probes' conservative estimates may sum to",
     )
-    run_p.add_argument("--backend", default="cuda", choices=("cpu", "cuda", "metal"))
+    run_p.add_argument("--backend", default="cuda", choices=BACKENDS)
     report_p = sub.add_parser("report", help="estimator vs measured, per backend")
     report_p.add_argument("results", type=Path, nargs="+")
     report_p.add_argument(
@@ -271,7 +299,12 @@ def main() -> int:
         help="the mode of results that record none (older probe): mlx unless they were "
         "measured with MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1",
     )
+    repeat_p = sub.add_parser("repeat", help="the same grid measured twice: how alike")
+    repeat_p.add_argument("first", type=Path)
+    repeat_p.add_argument("second", type=Path)
     args = parser.parse_args()
+    if args.command == "repeat":
+        return repeat(args.first, args.second)
     if args.command == "run":
         return run(args.grid, args.out, args.timeout, args.jobs, args.budget_gb, args.backend)
     return report(args.results, args.legacy_in_flight)
