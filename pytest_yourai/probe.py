@@ -30,13 +30,19 @@ from collections.abc import Iterator, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-import mlx.nn as nn
-import mlx.optimizers as optim
+from pytest_yourai.footprint import FootprintMeter, early_cuda_meter, source_for
 
-from pytest_yourai.estimate import IN_FLIGHT_MODES
-from pytest_yourai.presets import builtin_presets
-from pytest_yourai.runner import RESULT_PREFIX
+# The GPU's used memory before MLX makes its CUDA context: where the driver does not report
+# per-process memory, the footprint is what the device uses above this reading.
+_CUDA_METER = early_cuda_meter() if sys.platform != "darwin" else None
+
+import mlx.core as mx  # noqa: E402 - after the reading above, before any MLX work
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+
+from pytest_yourai.estimate import IN_FLIGHT_MODES, SLICE_BYTES  # noqa: E402
+from pytest_yourai.presets import builtin_presets  # noqa: E402
+from pytest_yourai.runner import RESULT_PREFIX  # noqa: E402
 
 GB = 1e9
 SPEC_ENV = "YOURAI_PROBE_SPEC"
@@ -53,13 +59,13 @@ _OOM_PATTERNS = re.compile(
 _out = sys.stdout
 
 # MLX encodes GPU work ahead of the device in command buffers (Metal) or graphs (CUDA) and
-# keeps every input of an encoded op alive until the device has run it. How far ahead it
-# gets depends on timing, so with MLX's defaults the same step peaks anywhere from its
-# need up to twice that (measured on an H100: 5.67 GB alone, 8.15 GB beside three other
-# probes). MLX gives that memory back by itself under pressure (it throttles encoding at
-# its memory limit), so it is not what a fine-tune needs. "bounded" commits one op per
-# buffer, which makes the peak the step's own and repeatable; a variable already in the
-# environment wins. Read by MLX at the first GPU op, so this must run before any.
+# keeps every input of an encoded op alive until the device has run it: up to 10 committed
+# buffers of up to 100 ops / 1000 MB each on an H100. That is what mlx_lm.lora runs with
+# ("mlx", the default) and what the machine must hold; MLX throttles only at its own memory
+# limit (0.95 x the device's total on CUDA), not at what another process left free.
+# "bounded" commits one op per buffer, which makes the peak the step's own need and
+# repeatable; a variable already in the environment wins. Read by MLX at the first GPU op,
+# so this must run before any.
 BOUNDED_IN_FLIGHT_ENV = {"MLX_MAX_OPS_PER_BUFFER": "1", "MLX_MAX_MB_PER_BUFFER": "1"}
 
 
@@ -74,9 +80,26 @@ class ProbeOOM(Exception):
 
 
 class Phase:
-    """Where the probe is; reported with every failure."""
+    """Where the probe is: reported with every failure, and the footprint meter's phase
+    (the build and LoRA attachment are "build", the steps "train")."""
 
-    name = "start"
+    def __init__(self, meter: FootprintMeter | None = None) -> None:
+        self.name = "start"
+        self.meter = meter
+        self.started_at: dict[str, float] = {}  # wall clock, to line up outside samplers
+
+    def enter(self, name: str) -> None:
+        self.name = name
+        self.started_at[name] = round(time.time(), 3)
+        if self.meter is not None:
+            if name == "build":
+                self.meter.start("build")
+            elif name == "train":
+                self.meter.phase("train")
+
+    def footprint(self) -> dict[str, Any]:
+        """The footprint fields so far (the meter stops)."""
+        return self.meter.stop() if self.meter is not None and self.meter.started else {}
 
 
 def gb(nbytes: float) -> float:
@@ -120,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--in-flight",
         choices=IN_FLIGHT_MODES,
-        help="bounded (default): MLX encodes one op ahead of the device, so the peak is the "
-        "step's need and repeats; mlx: MLX's defaults, whose peak also holds the inputs of "
-        "work queued ahead and varies with GPU timing",
+        help="mlx (default): MLX's own command-buffer limits, what mlx_lm.lora runs; bounded: "
+        "MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1, one op in flight, so the peak is "
+        "the step's own need and repeats",
     )
     p.add_argument(
         "--measure-throughput",
@@ -192,7 +215,7 @@ def resolve_spec(args: argparse.Namespace) -> dict[str, Any]:
     spec.setdefault("lora_scale", 20.0)
     spec.setdefault("grad_checkpoint", False)
     spec.setdefault("weights", "auto")
-    spec.setdefault("in_flight", "bounded")
+    spec.setdefault("in_flight", "mlx")
     if spec["in_flight"] not in IN_FLIGHT_MODES:
         raise ValueError(f"in_flight must be one of {IN_FLIGHT_MODES}, got {spec['in_flight']!r}")
     for key in ("batch_size", "seq_len", "steps", "lora_rank", "lora_layers", "group_size"):
@@ -261,14 +284,19 @@ def _get_model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
     return _get_classes(config)  # type: ignore[no-any-return]
 
 
-def _quantize_predicate(group_size: int) -> Any:
-    def predicate(_path: str, module: nn.Module) -> bool:
+def quantize_predicate(model: nn.Module, group_size: int) -> Any:
+    """mlx-lm's rule (``mlx_lm.utils.quantize_model``): layers that can be quantized and
+    whose input width divides by the group size, filtered by the model's own
+    ``quant_predicate`` where it has one (MoE routers stay unquantized, for example)."""
+    custom = getattr(model, "quant_predicate", None)
+
+    def predicate(path: str, module: nn.Module) -> bool | dict[str, Any]:
         weight = getattr(module, "weight", None)
-        return (
-            hasattr(module, "to_quantized")
-            and weight is not None
-            and weight.shape[-1] % group_size == 0
-        )
+        if not hasattr(module, "to_quantized") or weight is None:
+            return False
+        if weight.shape[-1] % group_size != 0:
+            return False
+        return custom(path, module) if callable(custom) else True
 
     return predicate
 
@@ -297,6 +325,73 @@ def local_weights(spec: dict[str, Any]) -> Path | None:
     return None
 
 
+# Matrices with more elements than this are made a slice at a time, so that no phase of the
+# build holds a float32 copy of a whole embedding, head or expert stack.
+SLICED_MIN_ELEMENTS = 1 << 20
+
+
+def build_sliced(module: nn.Module) -> None:
+    """Give ``module`` synthetic weights of its exact shapes, made, cast and quantized a
+    slice of rows at a time into arrays allocated once at their final size (MLX updates
+    them in place), instead of evaluating mlx-lm's float32 initialisation whole."""
+    weight = module.weight
+    quantized = "scales" in module
+    if quantized:
+        group_size, bits = int(module.group_size), int(module.bits)
+        mode = str(getattr(module, "mode", "affine"))
+        shape = (*weight.shape[:-1], module.scales.shape[-1] * group_size)
+        dtype = module.scales.dtype
+        targets = {
+            name: mx.zeros(module[name].shape, module[name].dtype)
+            for name in ("weight", "scales", "biases")
+            if name in module
+        }
+    else:
+        shape, dtype = tuple(weight.shape), weight.dtype
+        targets = {"weight": mx.zeros(shape, dtype)}
+    mx.eval(*targets.values())
+    row_elements = 1
+    for size in shape[1:]:
+        row_elements *= int(size)
+    step = max(1, SLICE_BYTES // (4 * row_elements))
+    scale = float(shape[-1]) ** -0.5
+    for start in range(0, int(shape[0]), step):
+        stop = min(int(shape[0]), start + step)
+        part = mx.random.uniform(-scale, scale, (stop - start, *shape[1:])).astype(dtype)
+        if quantized:
+            pieces = dict(
+                zip(
+                    ("weight", "scales", "biases"),
+                    mx.quantize(part, group_size=group_size, bits=bits, mode=mode),
+                    strict=False,
+                )
+            )
+        else:
+            pieces = {"weight": part}
+        for name, target in targets.items():
+            target[start:stop] = pieces[name]
+        mx.eval(*targets.values())
+    module.update(targets)
+
+
+def _is_large(module: nn.Module) -> bool:
+    weight = module.get("weight")
+    if not isinstance(weight, mx.array) or weight.ndim < 2:
+        return False
+    elements = weight.size
+    if "scales" in module:  # packed: count the weights it stands for
+        elements = module["scales"].size * int(module.group_size)
+    return bool(elements >= SLICED_MIN_ELEMENTS)
+
+
+def _materialize(module: nn.Module) -> None:
+    """Build ``module``'s large matrices a slice at a time, then evaluate the rest."""
+    for _, leaf in module.named_modules():
+        if _is_large(leaf):
+            build_sliced(leaf)
+    mx.eval(module.parameters())
+
+
 def build_model(
     spec: dict[str, Any], cap: MemoryCap, evaluate: bool = True
 ) -> tuple[nn.Module, str]:
@@ -317,7 +412,7 @@ def build_model(
                 model,
                 group_size=group_size,
                 bits=bits,
-                class_predicate=_quantize_predicate(group_size),
+                class_predicate=quantize_predicate(model, group_size),
             )
         mx.eval(model.parameters())
         return model, str(path)
@@ -325,33 +420,32 @@ def build_model(
     config = dict(spec["config"])
     model_class, args_class = _get_model_classes(config)
     model = model_class(args_class.from_dict(config))
-    # Parameters are lazy until evaluated: cast, quantize and evaluate one block at a
-    # time so the build never holds more than one block of full-precision weights.
-    blocks = list(model.layers)
-    total = len(blocks)
-    for index, block in enumerate(blocks, start=1):
-        block.set_dtype(dtype)
-        if bits < 16:
-            nn.quantize(
-                block,
-                group_size=group_size,
-                bits=bits,
-                class_predicate=_quantize_predicate(group_size),
-            )
-        if evaluate:
-            mx.eval(block.parameters())
-            cap.check(mx.get_peak_memory())
-        if index == 1 or index == total or index % max(1, total // 10) == 0:
-            say(f"building block {index}/{total}")
-    # Then the embeddings and the head (already-quantized blocks are left as they are).
+    # Everything stays lazy until evaluated: cast and quantize the whole model (so the
+    # quantization predicate sees full paths, as in mlx-lm), then build block by block,
+    # large matrices a slice at a time, and last what lies outside the blocks (the
+    # embeddings, the head). No phase of the build holds more than one slice in float32.
     model.set_dtype(dtype)
     if bits < 16:
         nn.quantize(
-            model, group_size=group_size, bits=bits, class_predicate=_quantize_predicate(group_size)
+            model,
+            group_size=group_size,
+            bits=bits,
+            class_predicate=quantize_predicate(model, group_size),
         )
-    if evaluate:
-        mx.eval(model.parameters())
+    if not evaluate:
+        return model, "synthetic"
+    blocks = list(model.layers)
+    total = len(blocks)
+    for index, block in enumerate(blocks, start=1):
+        _materialize(block)
         cap.check(mx.get_peak_memory())
+        if index == 1 or index == total or index % max(1, total // 10) == 0:
+            say(f"building block {index}/{total}")
+    _materialize(model)
+    cap.check(mx.get_peak_memory())
+    # The build's freed slices sit in MLX's buffer cache; a model loaded from disk leaves
+    # none, so neither does this one.
+    mx.clear_cache()
     return model, "synthetic"
 
 
@@ -436,7 +530,7 @@ def run_probe(spec: dict[str, Any], phase: Phase) -> dict[str, Any]:
         f"rank={spec['lora_rank']} layers={spec['lora_layers']} steps={steps}"
     )
 
-    phase.name = "build"
+    phase.enter("build")
     build_started = time.perf_counter()
     model, weights_source = build_model(spec, cap)
     total_parameters = count_parameters(model)
@@ -445,7 +539,7 @@ def run_probe(spec: dict[str, Any], phase: Phase) -> dict[str, Any]:
         f"in {time.perf_counter() - build_started:.1f} s"
     )
 
-    phase.name = "lora"
+    phase.enter("lora")
     model.freeze()
     num_layers = min(int(spec["lora_layers"]), len(model.layers))
     linear_to_lora_layers(
@@ -460,7 +554,7 @@ def run_probe(spec: dict[str, Any], phase: Phase) -> dict[str, Any]:
     cap.check(load_peak)
     say(f"resident {gb(resident):.3f} GB, load peak {gb(load_peak):.3f} GB, trainable {trainable}")
 
-    phase.name = "train"
+    phase.enter("train")
     mx.reset_peak_memory()
     step_seconds: list[float] = []
     step_peaks: list[int] = []
@@ -503,7 +597,7 @@ def run_probe(spec: dict[str, Any], phase: Phase) -> dict[str, Any]:
                 training_callback=Progress(),
             )
     train_peak = mx.get_peak_memory()
-    phase.name = "done"
+    phase.enter("done")
     tokens_per_step = int(spec["batch_size"]) * int(spec["seq_len"])
     steady = step_seconds[1:] or step_seconds
     peak_growth = len(step_peaks) >= 2 and step_peaks[-1] > step_peaks[-2] * 1.005
@@ -523,6 +617,8 @@ def run_probe(spec: dict[str, Any], phase: Phase) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "total_parameters": total_parameters,
         "peak_growth": peak_growth,
+        "phase_started_at": phase.started_at,
+        **phase.footprint(),
     }
 
 
@@ -597,8 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
     buffer_env = apply_in_flight(spec["in_flight"])
-    phase = Phase()
     info = device_info()
+    phase = Phase(FootprintMeter(source_for(str(info["backend"]), _CUDA_METER)))
     base: dict[str, Any] = {
         "backend": info["backend"],
         "device_name": str(info.get("device_name", platform.machine())),
@@ -638,6 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "error": f"{type(exc).__name__}: {message}",
                 "peak_memory_gb": gb(mx.get_peak_memory()),
                 "process_peak_rss_gb": process_peak_rss_gb(),
+                **phase.footprint(),
             }
         )
         return EXIT_OOM if status == "oom" else EXIT_ERROR

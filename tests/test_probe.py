@@ -69,17 +69,55 @@ def test_tiny_preset_result_fields() -> None:
     assert result["process_peak_rss_gb"] > 0 and isinstance(result["peak_growth"], bool)
     assert result["config"]["lora_rank"] == 8 and result["config"]["dtype"] == "float32"
     assert "building block 1/4" in stdout and "step 3/3 loss=" in stdout
-    # By default MLX encodes one op ahead of the device, so the peak is the step's own.
-    assert result["config"]["in_flight"] == "bounded"
+    # By default MLX keeps its own command-buffer limits, as mlx_lm.lora runs.
+    assert result["config"]["in_flight"] == "mlx"
+    assert result["mlx_buffer_env"] == {}
+    # The footprint, phase by phase: on CPU the resident set, with Linux's high-water mark.
+    assert 0 < result["build_footprint_gb"] <= result["train_footprint_gb"]
+    assert result["footprint_peak_gb"] == result["train_footprint_gb"]
+    assert result["train_footprint_gb"] >= result["train_peak_memory_gb"]
+    assert "RSS" in result["footprint_source"] and result["footprint_interval_ms"] == 20
+
+
+def test_in_flight_mode_bounded_sets_the_buffer_limits() -> None:
+    result, _, code = probe(
+        "--preset", "tiny-llama", "--steps", "1", "--seq-len", "32", "--in-flight", "bounded"
+    )
+    assert code == 0 and result["config"]["in_flight"] == "bounded"
     assert result["mlx_buffer_env"] == BOUNDED_IN_FLIGHT_ENV
 
 
-def test_in_flight_mode_mlx_leaves_mlx_defaults() -> None:
+LARGE_VOCABULARY = dict(
+    model_type="qwen2",
+    hidden_size=256,
+    num_hidden_layers=2,
+    intermediate_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=152064,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=False,
+)
+
+
+@pytest.mark.parametrize(("bits", "dtype"), [(4, "float32"), (16, "bfloat16")])
+def test_the_build_never_needs_more_than_training(
+    tmp_path: Path, bits: int, dtype: str
+) -> None:
+    # A 152k vocabulary at hidden 256: the embeddings and the head are most of the model, so
+    # making them whole in float32 before casting would dominate the build.
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(LARGE_VOCABULARY))
     result, _, code = probe(
-        "--preset", "tiny-llama", "--steps", "1", "--seq-len", "32", "--in-flight", "mlx"
-    )
-    assert code == 0 and result["config"]["in_flight"] == "mlx"
-    assert result["mlx_buffer_env"] == {}
+        "--config", str(config), "--bits", str(bits), "--dtype", dtype,
+        "--batch-size", "1", "--seq-len", "32", "--lora-rank", "8", "--lora-layers", "2",
+        "--steps", "2",
+    )  # fmt: skip
+    assert code == 0, result
+    build, train = result["load_peak_memory_gb"], result["train_peak_memory_gb"]
+    assert build <= max(train, 1.25 * result["resident_memory_gb"])
+    assert result["build_footprint_gb"] <= result["train_footprint_gb"]
 
 
 def test_apply_in_flight_keeps_what_the_user_set() -> None:
