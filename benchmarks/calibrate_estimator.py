@@ -34,19 +34,25 @@ from typing import Any
 
 import numpy as np
 from estimate_accuracy import architecture, shape_of
-from scipy.optimize import linprog, minimize, nnls
+from scipy.optimize import least_squares, nnls
 
 from pytest_yourai.estimate import (
+    BACKEND_OVERHEAD,
     BACKENDS,
     CALIBRATION,
+    CALIBRATION_FILE,
+    CHECKPOINT_MARGIN,
     GB,
+    GRAPH_MARGIN,
     GRAPH_TERMS,
-    WINDOW_TERMS,
+    WINDOW_CLASSES,
     calibration_features,
     estimate_training_memory,
     graph_bytes,
     lora_parameter_count,
     weight_bytes,
+    window_bytes,
+    window_class,
 )
 
 
@@ -62,13 +68,22 @@ def load(
         for line in path.read_text().splitlines():
             record = json.loads(line)
             result = record.get("result", {})
-            if result.get("status") == "ok" and result.get("backend") == backend:
+            if (
+                result.get("status") == "ok"
+                and result.get("backend") == backend
+                and not is_mixture_of_experts(architecture(record["grid"]))
+            ):
                 result["config"].setdefault("in_flight", legacy_in_flight)
                 if in_flight is not None and result["config"]["in_flight"] != in_flight:
                     continue
                 key = json.dumps([architecture(record["grid"]), result["config"]], sort_keys=True)
                 records[key] = record
     return list(records.values())
+
+
+def is_mixture_of_experts(arch: dict[str, Any]) -> bool:
+    """MoE runs are measured for the MoE terms, not fitted to the dense ones."""
+    return any(arch.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def exact_bytes(record: dict[str, Any]) -> float:
@@ -95,72 +110,178 @@ def fit_graph(records: list[dict[str, Any]]) -> dict[str, float]:
     return dict(zip(GRAPH_TERMS, (float(c) for c in coef), strict=True))
 
 
-def window_parts(
-    records: list[dict[str, Any]], graph: dict[str, float]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(fixed bytes, per-block window features, blocks, measured) for each run."""
-    fixed, per_block, blocks, y = [], [], [], []
-    for r in records:
-        f = features(r)
-        fixed.append(exact_bytes(r) + graph_bytes(f, graph))
-        per_block.append([f[t] for t in WINDOW_TERMS])
-        blocks.append(f["blocks"])
-        y.append(measured(r))
-    return np.array(fixed), np.array(per_block), np.array(blocks), np.array(y)
+WINDOW_PARAMS = (
+    *(f"window_{kind}_scale" for kind in WINDOW_CLASSES),
+    *(f"window_{kind}_cap_gb" for kind in WINDOW_CLASSES),
+    "window_layers_power",
+    "window_8bit",
+)
 
 
-def window_prediction(params: np.ndarray, per_block: np.ndarray, blocks: np.ndarray) -> np.ndarray:
-    coef = np.abs(params[: len(WINDOW_TERMS)])
-    span, cap = abs(params[-2]), abs(params[-1]) * GB
-    return np.minimum(np.minimum(blocks, span) * (per_block @ coef), cap)
+def fit_window(records: list[dict[str, Any]], coefficients: dict[str, float]) -> dict[str, float]:
+    """The window's parameters (estimate.window_bytes) that minimise the relative error of
+    the whole MLX peak over runs with MLX's defaults, the graph terms held fixed. Kinds of
+    run with no data keep their current values."""
+    fixed = np.array([exact_bytes(r) + graph_bytes(features(r), coefficients) for r in records])
+    y = np.array([measured(r) for r in records])
+    kinds = sorted({window_class(shape_of(r)) for r in records})
+    free = [f"window_{kind}_{part}" for kind in kinds for part in ("scale", "cap_gb")]
+    free.append("window_layers_power")
+    if any(8 <= shape_of(r).bits < 16 for r in records):
+        free.append("window_8bit")
 
+    def predicted(values: np.ndarray) -> np.ndarray:
+        trial = {**coefficients, **dict(zip(free, np.abs(values), strict=True))}
+        return np.array(
+            [window_bytes(architecture(r["grid"]), shape_of(r), trial) for r in records]
+        )
 
-def fit_window(
-    records: list[dict[str, Any]], graph: dict[str, float]
-) -> tuple[dict[str, float], np.ndarray]:
-    fixed, per_block, blocks, y = window_parts(records, graph)
-
-    def loss(params: np.ndarray) -> float:
-        error = np.abs(fixed + window_prediction(params, per_block, blocks) - y) / y
-        return float(error.mean() + 0.5 * error.max())
+    def residuals(values: np.ndarray) -> np.ndarray:
+        return (fixed + predicted(values) - y) / y
 
     best = None
-    for span in (8.0, 16.0, 32.0, 64.0):
-        for cap in (8.0, 12.0, 16.0):
-            for scale in (2.0, 8.0):
-                start = np.array([scale, scale / 2, scale * 2, scale / 2, 100.0, span, cap])
-                result = minimize(loss, start, method="Nelder-Mead", options={"maxiter": 6000})
-                if best is None or result.fun < best.fun:
-                    best = result
+    for cap in (8.0, 11.0, 16.0):
+        for scale in (2.0, 6.0, 10.0):
+            start = np.array(
+                [
+                    cap
+                    if n.endswith("_cap_gb")
+                    else scale
+                    if n.endswith("_scale")
+                    else 0.3
+                    if n == "window_layers_power"
+                    else 0.8
+                    for n in free
+                ]
+            )
+            result = least_squares(residuals, start)
+            if best is None or result.cost < best.cost:
+                best = result
     assert best is not None
-    params = np.abs(best.x)
-    fitted = {f"window_{t}": float(c) for t, c in zip(WINDOW_TERMS, params, strict=False)}
-    fitted["window_blocks"] = float(params[-2])
-    fitted["window_cap_gb"] = float(params[-1])
-    return fitted, params
+    return {n: round(float(abs(v)), 4) for n, v in zip(free, best.x, strict=True)}
 
 
-def fit_envelope(
-    records: list[dict[str, Any]], graph: dict[str, float], span: float, margin: float
+def fit_envelope_margin(
+    records: list[dict[str, Any]], coefficients: dict[str, float]
 ) -> dict[str, float]:
-    """The least (summed) window that is at least every measured one."""
-    fixed, per_block, blocks, y = window_parts(records, graph)
-    spanned = np.minimum(blocks, span)[:, None] * per_block
-    # Each run's window beyond its graph terms (with the conservative margin on those).
-    graph_only = fixed - np.array([exact_bytes(r) for r in records])
-    need = y - fixed - graph_only * (margin - 1.0)
-    result = linprog(
-        spanned.sum(axis=0) / y.mean(),
-        A_ub=-spanned,
-        b_ub=-np.maximum(need, 0.0),
-        bounds=[(0, None)] * len(WINDOW_TERMS),
-        method="highs",
+    """Per kind of run (window_class), the least factor on the window that, with the graph
+    terms times their conservative margin, covers every run with MLX's defaults; 5% more
+    for shapes not measured. Kinds with no runs take the largest."""
+    needs: dict[str, float] = {}
+    for r in records:
+        arch, shape = architecture(r["grid"]), shape_of(r)
+        margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
+        rest = measured(r) - exact_bytes(r) - graph_bytes(features(r), coefficients) * margin
+        window = window_bytes(arch, shape, coefficients)
+        kind = window_class(shape)
+        if window > 0:
+            needs[kind] = max(needs.get(kind, 1.0), rest / window)
+    largest = max(needs.values(), default=1.0)
+    return {kind: round(needs.get(kind, largest) * 1.05, 3) for kind in WINDOW_CLASSES}
+
+
+def overhead_parts(record: dict[str, Any]) -> dict[str, float | None]:
+    """Of one run, in bytes: the footprint beyond MLX's peak, the step's graph memory and
+    in-flight window (the window as measured: MLX's peak above the exact state and the
+    estimated graph), and what the process held outside the allocator's pool (CUDA only)."""
+    result = record["result"]
+    graph = graph_bytes(features(record), CALIBRATION[result["backend"]])
+    window = 0.0
+    shape = shape_of(record)
+    coefficients = CALIBRATION[result["backend"]]
+    if shape.in_flight == "mlx" and window_bytes(architecture(record["grid"]), shape, coefficients):
+        window = max(measured(record) - exact_bytes(record) - graph, 0.0)
+    outside = (result.get("footprint_parts_gb") or {}).get("train", {}).get("outside_pool")
+    return {
+        "beyond": float(result["train_footprint_gb"]) * GB - measured(record),
+        "graph": max(measured(record) - exact_bytes(record) - window, 0.0),
+        "window": window,
+        "outside": None if outside is None else float(outside) * GB,
+        "checkpoint": float(bool(result["config"].get("grad_checkpoint"))),
+    }
+
+
+def fit_backend_overhead(records: list[dict[str, Any]]) -> dict[str, float]:
+    """BACKEND_OVERHEAD from footprint runs.
+
+    ``process_gb``: the median of what runs held outside MLX's arrays where the backend
+    says so (CUDA: outside the memory pool), else the intercept of a least-squares fit.
+    The graph shares (``cache``, ``cache_checkpoint``): medians of (beyond - process) /
+    graph over runs with one op in flight; the window share: the median of what is left
+    over the window in runs with MLX's defaults. The conservative terms cover every run,
+    with 10% to spare."""
+    parts = [overhead_parts(r) for r in records]
+    outside = [float(p["outside"]) for p in parts if p["outside"] is not None]
+    if outside:
+        process = statistics.median(outside)
+    else:
+        x = np.array([[1.0, float(p["graph"])] for p in parts if not p["window"]])
+        y = np.array([float(p["beyond"]) for p in parts if not p["window"]])
+        process = float(max(nnls(x, y)[0][0], 0.0)) if len(y) else 0.0
+    cover = (max(outside) if outside else process) + 0.05 * GB
+    fitted: dict[str, float] = {
+        "process_gb": round(process / GB, 4),
+        "process_conservative_gb": round(cover / GB, 4),
+    }
+    for kind, checkpoint in (("cache", 0.0), ("cache_checkpoint", 1.0)):
+        runs = [p for p in parts if p["checkpoint"] == checkpoint and not p["window"]]
+        runs = [p for p in runs if float(p["graph"] or 0) > 0]
+        if runs:
+            shares = [max(float(p["beyond"]) - process, 0.0) / float(p["graph"]) for p in runs]
+            covers = [max(float(p["beyond"]) - cover, 0.0) / float(p["graph"]) for p in runs]
+            fitted[kind] = round(statistics.median(shares), 4)
+            fitted[kind + "_conservative"] = round(max(max(covers), fitted[kind]) * 1.1, 4)
+    window_runs = [p for p in parts if float(p["window"] or 0) > 0]
+    if window_runs:
+        shares, covers = [], []
+        for p in window_runs:
+            kind = "cache_checkpoint" if p["checkpoint"] else "cache"
+            graph_share = fitted.get(kind, 0.0)
+            rest = float(p["beyond"]) - process - graph_share * float(p["graph"])
+            shares.append(max(rest, 0.0) / float(p["window"]))
+            rest_cover = float(p["beyond"]) - cover - graph_share * float(p["graph"])
+            covers.append(max(rest_cover, 0.0) / float(p["window"]))
+        fitted["cache_window"] = round(statistics.median(shares), 4)
+        fitted["cache_window_conservative"] = round(
+            max(max(covers), fitted["cache_window"]) * 1.1, 4
+        )
+    return fitted
+
+
+def footprint_report(name: str, records: list[dict[str, Any]]) -> None:
+    """The estimate (footprint) and MLX's peak against what the runs measured."""
+    base_errors, peak_errors, under, ratios = [], [], 0, []
+    for r in records:
+        est = estimate_training_memory(architecture(r["grid"]), shape_of(r))
+        footprint = float(r["result"]["train_footprint_gb"])
+        base_errors.append((est.estimated_base_gb - footprint) / footprint * 100)
+        peak_errors.append((est.mlx_peak_gb - measured(r) / GB) / (measured(r) / GB) * 100)
+        under += est.estimated_conservative_gb < footprint
+        ratios.append(est.estimated_conservative_gb / footprint)
+    print(
+        f"{name}: {len(records)} runs | footprint: median |e| "
+        f"{statistics.median(map(abs, base_errors)):.1f}%, max {max(map(abs, base_errors)):.1f}%, "
+        f"conservative below {under}, conservative/measured {min(ratios):.2f}-{max(ratios):.2f} | "
+        f"MLX peak: median |e| {statistics.median(map(abs, peak_errors)):.1f}%, "
+        f"max {max(map(abs, peak_errors)):.1f}%"
     )
-    if not result.success:
-        raise SystemExit(f"envelope fit failed: {result.message}")
-    envelope = {f"envelope_{t}": float(c) for t, c in zip(WINDOW_TERMS, result.x, strict=True)}
-    envelope["envelope_cap_gb"] = float(np.ceil(max(need) / GB + 1.0))
-    return envelope
+
+
+def write_calibration(
+    backend: str,
+    graph: dict[str, float] | None,
+    overhead: dict[str, float],
+    envelope_margin: dict[str, float] | None,
+) -> None:
+    """Store the fitted coefficients in the estimator's package data."""
+    data = json.loads(CALIBRATION_FILE.read_text(encoding="utf-8"))
+    if envelope_margin is not None:
+        data["envelope_margin"] = envelope_margin
+    if graph is not None:
+        data["graph"][backend] = {k: round(v, 6) for k, v in graph.items()}
+    data["backend_overhead"][backend] = {**data["backend_overhead"].get(backend, {}), **overhead}
+    CALIBRATION_FILE.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    print(f"written: {CALIBRATION_FILE}")
 
 
 def report(
@@ -173,8 +294,8 @@ def report(
         for r in records:
             est = estimate_training_memory(architecture(r["grid"]), shape_of(r))
             m = measured(r) / GB
-            errors.append((est.estimated_base_gb - m) / m * 100)
-            under += est.estimated_conservative_gb < m
+            errors.append((est.mlx_peak_gb - m) / m * 100)
+            under += est.mlx_peak_conservative_gb < m
     finally:
         CALIBRATION[backend] = saved
     print(
@@ -186,39 +307,81 @@ def report(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", required=True, choices=BACKENDS)
-    parser.add_argument("--graph", type=Path, nargs="+", required=True)
+    parser.add_argument("--graph", type=Path, nargs="*", default=[])
     parser.add_argument("--window", type=Path, nargs="*", default=[])
+    parser.add_argument(
+        "--footprint",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="runs with the probe's footprint fields: fit the backend overhead",
+    )
     parser.add_argument("--holdout", type=Path, nargs="*", default=[])
     parser.add_argument("--margin", type=float, default=1.1, help="GRAPH_MARGIN of the backend")
-    args = parser.parse_args()
-    graph_runs = load(args.graph, args.backend, "bounded", "bounded")
-    if len(graph_runs) < len(GRAPH_TERMS):
-        parser.error(f"need at least {len(GRAPH_TERMS)} graph runs, found {len(graph_runs)}")
-    coefficients = dict(CALIBRATION[args.backend])
-    coefficients.update(fit_graph(graph_runs))
-    window_runs = load(args.window, args.backend, "mlx", "mlx")
-    if window_runs:
-        fitted, params = fit_window(window_runs, coefficients)
-        coefficients.update(fitted)
-        coefficients.update(fit_envelope(window_runs, coefficients, params[-2], args.margin))
-    else:  # no window on this backend's runs: none in the estimate either
-        for t in WINDOW_TERMS:
-            coefficients[f"window_{t}"] = coefficients[f"envelope_{t}"] = 0.0
-    print(f"CALIBRATION[{args.backend!r}] = {{")
-    for key, value in coefficients.items():
-        print(f'    "{key}": {value:.4g},')
-    print("}")
-    shut = {f"{p}_{t}": 0.0 for p in ("window", "envelope") for t in WINDOW_TERMS}
-    report("graph runs (in flight: bounded)", graph_runs, args.backend, {**coefficients, **shut})
-    least = max(
-        (measured(r) - exact_bytes(r)) / graph_bytes(features(r), coefficients) for r in graph_runs
+    parser.add_argument(
+        "--write", action="store_true", help="store the fit in pytest_yourai/calibration.json"
     )
-    print(f"least GRAPH_MARGIN covering every graph run: {least:.3f}")
+    args = parser.parse_args()
+    coefficients = dict(CALIBRATION[args.backend])
+    graph_runs = load(args.graph, args.backend, "bounded", "bounded")
+    fitted_graph = bool(graph_runs)
+    if graph_runs:
+        if len(graph_runs) < len(GRAPH_TERMS):
+            parser.error(f"need at least {len(GRAPH_TERMS)} graph runs, found {len(graph_runs)}")
+        coefficients.update(fit_graph(graph_runs))
+    window_runs = load(args.window, args.backend, "mlx", "mlx")
+    envelope_margin = None
+    if window_runs:
+        coefficients.update(fit_window(window_runs, coefficients))
+        envelope_margin = fit_envelope_margin(window_runs, coefficients)
+        print(f"envelope margin covering every window run: {envelope_margin}")
+        fitted_graph = True
+    print(f"graph terms ({args.backend}): {json.dumps(coefficients)}")
+    shut = {f"window_{kind}_cap_gb": 0.0 for kind in WINDOW_CLASSES}
+    if graph_runs:
+        report(
+            "graph runs (in flight: bounded)", graph_runs, args.backend, {**coefficients, **shut}
+        )
+        least = max(
+            (measured(r) - exact_bytes(r)) / graph_bytes(features(r), coefficients)
+            for r in graph_runs
+        )
+        print(f"least GRAPH_MARGIN covering every graph run: {least:.3f}")
     if window_runs:
         report("window runs (MLX defaults)", window_runs, args.backend, coefficients)
-    held = load(args.holdout, args.backend, "bounded")
-    if held:
-        report("held out", held, args.backend, coefficients)
+    footprint_runs = [
+        r for r in load(args.footprint, args.backend, "mlx") if "train_footprint_gb" in r["result"]
+    ]
+    overhead = dict(BACKEND_OVERHEAD[args.backend])
+    if footprint_runs:
+        overhead.update(fit_backend_overhead(footprint_runs))
+        print(f"backend overhead ({args.backend}): {json.dumps(overhead)}")
+    saved = dict(CALIBRATION[args.backend]), dict(BACKEND_OVERHEAD[args.backend])
+    CALIBRATION[args.backend].update(coefficients)
+    BACKEND_OVERHEAD[args.backend].update(overhead)
+    try:
+        if footprint_runs:
+            for mode in ("bounded", "mlx"):
+                runs = [r for r in footprint_runs if r["result"]["config"]["in_flight"] == mode]
+                if runs:
+                    footprint_report(f"footprint runs, in flight {mode}", runs)
+        held = [r for r in load(args.holdout, args.backend, "bounded")]
+        for mode in ("bounded", "mlx"):
+            runs = [r for r in held if r["result"]["config"]["in_flight"] == mode]
+            with_footprint = [r for r in runs if "train_footprint_gb" in r["result"]]
+            if with_footprint:
+                footprint_report(f"held out, in flight {mode}", with_footprint)
+            elif runs:
+                report(f"held out, in flight {mode}", runs, args.backend, coefficients)
+    finally:
+        CALIBRATION[args.backend].clear()
+        CALIBRATION[args.backend].update(saved[0])
+        BACKEND_OVERHEAD[args.backend].clear()
+        BACKEND_OVERHEAD[args.backend].update(saved[1])
+    if args.write:
+        write_calibration(
+            args.backend, coefficients if fitted_graph else None, overhead, envelope_margin
+        )
     return 0
 
 

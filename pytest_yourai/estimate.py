@@ -53,78 +53,31 @@ BACKENDS = ("cpu", "cuda", "metal")
 IN_FLIGHT_MODES = ("bounded", "mlx")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
-# Per-backend coefficients, in bytes per unit of each feature (see calibration_features), from
-# benchmarks/calibrate_estimator.py (commands in docs/estimator.md). CUDA: 84 H100 runs with
-# the in-flight window bounded for the graph terms (16 architectures, 1B-70B), 69 runs with
-# MLX's defaults for the window. CPU: below. Metal: not measured; the graph terms are CUDA's
-# plus unfused attention scores (no fused SDPA backward assumed in training), and the window
-# is capped by Metal's smaller command buffers (about 10 x 50 MB).
-WINDOW_TERMS = (
-    "quantized",
-    "dense",
-    "quantized_checkpoint",
-    "dense_checkpoint",
-    "rank",
-)
-
-CALIBRATION: dict[str, dict[str, float]] = {
-    "cuda": {
-        "logits": 3.835,
-        "softcap": 2.442,
-        "mlp": 14.08,
-        "attention": 7.651,
-        "checkpoint": 0.5308,
-        "scores": 5.427,
-        "checkpoint_ahead": 0.0,
-        "checkpoint_ahead_fused": 24.02,
-        "hidden": 59.75,
-        "constant": 0.0,
-        "window_quantized": 10.87,
-        "window_dense": 6.597,
-        "window_quantized_checkpoint": 18.69,
-        "window_dense_checkpoint": 0.7059,
-        "window_rank": 1590.0,
-        "window_cap_gb": 16.85,
-        "window_blocks": 19.85,
-        "envelope_quantized": 23.63,
-        "envelope_dense": 10.86,
-        "envelope_quantized_checkpoint": 26.17,
-        "envelope_dense_checkpoint": 4.197,
-        "envelope_rank": 2648.0,
-        "envelope_cap_gb": 19.0,
-    },
-}
-# CPU: fitted on 56 tiny runs (6 architectures, float32 and bfloat16); MLX's CPU backend
-# runs ops in order on one stream, so there is no in-flight window to model.
-CALIBRATION["cpu"] = {
-    "logits": 6.864,
-    "softcap": 5.642,
-    "mlp": 8.41,
-    "attention": 7.915,
-    "checkpoint": 0.0,
-    "scores": 3.297,
-    "checkpoint_ahead": 0.0,
-    "checkpoint_ahead_fused": 15.64,
-    "hidden": 75.09,
-    "constant": 0.7254,
-    **{f"{p}_{t}": 0.0 for p in ("window", "envelope") for t in WINDOW_TERMS},
-    "window_cap_gb": 0.0,
-    "window_blocks": 1.0,
-    "envelope_cap_gb": 0.0,
-}
-CALIBRATION["metal"] = {
-    **CALIBRATION["cuda"],
-    "window_cap_gb": 0.5,
-    "envelope_cap_gb": 1.0,
-}
+# Per-backend coefficients, in bytes per unit of each feature (see calibration_features),
+# the backend overhead (see backend_overhead_bytes) and the conservative margins: package
+# data written by benchmarks/calibrate_estimator.py from probe measurements (the commands
+# are in docs/estimator.md). Read once at import; the functions below stay pure.
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+_CALIBRATION_DATA: dict[str, Any] = json.loads(CALIBRATION_FILE.read_text(encoding="utf-8"))
+CALIBRATION: dict[str, dict[str, float]] = _CALIBRATION_DATA["graph"]
+# What the process holds beyond MLX's peak counter, per backend: its footprint on the device
+# (footprint.py) minus MLX's peak. ``process_gb``: what the backend holds whatever the model
+# (the CUDA context and its workspaces; on CPU the Python process with MLX and mlx-lm
+# loaded); ``cache``: the share of the step's transient memory (MLX's peak above the exact
+# weights and adapter state) that MLX's buffer cache and the allocator's reserve keep
+# beside the live arrays at the peak; ``cache_checkpoint`` the same with gradient
+# checkpointing (recomputed blocks leave more buffers of other sizes in the cache). The
+# ``*_conservative`` values cover every calibration run.
+BACKEND_OVERHEAD: dict[str, dict[str, float]] = _CALIBRATION_DATA["backend_overhead"]
 # The conservative estimate: graph terms x GRAPH_MARGIN (CHECKPOINT_MARGIN with gradient
 # checkpointing, whose recompute-ahead depends on MLX's scheduling), plus, with MLX's own
-# in-flight window, its envelope x ENVELOPE_MARGIN (capped). The least margins that cover
-# every calibration run are 1.10 (CUDA), 1.47 (CUDA, checkpointed) and 1.34 (CPU); the rest
-# is for shapes not measured. The envelope covers every measured default-window run.
-GRAPH_MARGIN = {"cuda": 1.2, "metal": 1.3, "cpu": 1.45}
-CHECKPOINT_MARGIN = 1.6
-ENVELOPE_MARGIN = 1.5
+# in-flight window, its envelope x ENVELOPE_MARGIN (capped), plus the conservative backend
+# overhead.
+GRAPH_MARGIN: dict[str, float] = _CALIBRATION_DATA["graph_margin"]
+CHECKPOINT_MARGIN: float = _CALIBRATION_DATA["checkpoint_margin"]
+# Per kind of run (window_class): the factor on the window that covers every measured one.
+ENVELOPE_MARGIN: dict[str, float] = _CALIBRATION_DATA["envelope_margin"]
+WINDOW_CLASSES = ("quantized", "dense", "quantized_checkpoint", "dense_checkpoint")
 UNFUSED_ATTENTION_MODEL_TYPES = frozenset({"gemma2"})
 
 GRAPH_TERMS = (
@@ -136,6 +89,7 @@ GRAPH_TERMS = (
     "checkpoint_ahead",
     "checkpoint_ahead_fused",
     "scores",
+    "scores_transient",
     "hidden",
     "constant",
 )
@@ -173,9 +127,7 @@ def calibration_features(arch: Mapping[str, Any], shape: TrainingShape) -> dict[
         arch.get("model_type") in UNFUSED_ATTENTION_MODEL_TYPES
     )
     fused = 1.0 if arch.get("model_type") in FUSED_PROJECTION_MODEL_TYPES else 0.0
-    quantized = 1.0 if shape.bits < 16 else 0.0
     checkpoint = 1.0 if shape.grad_checkpoint else 0.0
-    window = tokens * (hidden + inter)  # per block in the window; see window_bytes
     # Graph terms are calibrated on bfloat16 models; activations follow the model dtype.
     t = tokens * DTYPE_BYTES[shape.dtype] / 2
     ahead = t * (inter + width) * checkpoint
@@ -188,14 +140,9 @@ def calibration_features(arch: Mapping[str, Any], shape: TrainingShape) -> dict[
         "checkpoint_ahead": ahead * (1 - fused),
         "checkpoint_ahead_fused": ahead * fused,
         "scores": t * shape.seq_len * heads * live if unfused else 0.0,
+        "scores_transient": t * shape.seq_len * heads if unfused else 0.0,
         "hidden": t * hidden,
         "constant": 1e6,
-        "quantized": window * quantized * (1 - checkpoint),
-        "dense": window * (1 - quantized) * (1 - checkpoint),
-        "quantized_checkpoint": window * quantized * checkpoint,
-        "dense_checkpoint": window * (1 - quantized) * checkpoint,
-        "rank": tokens * adapted * shape.lora_rank * quantized / max(1, blocks),
-        "blocks": float(blocks),
     }
 
 
@@ -203,14 +150,37 @@ def graph_bytes(features: Mapping[str, float], coefficients: Mapping[str, float]
     return sum(coefficients[t] * features[t] for t in GRAPH_TERMS)
 
 
+def window_class(shape: TrainingShape) -> str:
+    """The kind of run, for the in-flight window: quantized or dense, checkpointed or not."""
+    kind = "quantized" if shape.bits < 16 else "dense"
+    return kind + ("_checkpoint" if shape.grad_checkpoint else "")
+
+
 def window_bytes(
-    features: Mapping[str, float], coefficients: Mapping[str, float], prefix: str = "window"
+    arch: Mapping[str, Any], shape: TrainingShape, coefficients: Mapping[str, float]
 ) -> float:
-    """The in-flight window: the blocks it spans (all of them, up to ``window_blocks``) times
-    what each holds, capped at ``{prefix}_cap_gb``."""
-    spanned = min(features["blocks"], coefficients["window_blocks"])
-    raw = spanned * sum(coefficients[f"{prefix}_{t}"] * features[t] for t in WINDOW_TERMS)
-    return min(raw, coefficients[f"{prefix}_cap_gb"] * GB)
+    """MLX's in-flight window with its default command-buffer limits (``in_flight="mlx"``).
+
+    MLX encodes work ahead of the device, up to about 11 committed command buffers of up
+    to 100 ops or 1000 MB of inputs each on an H100/H200, and every queued op keeps its
+    inputs alive until the device has run it. The queue fills when the device is slower
+    than the encoding, that is when each op is large: the window grows with the tokens
+    times hidden width squared (an op's work), saturates at the buffers' limit (``cap``),
+    and is smaller when few blocks are adapted (a shorter backward pass to queue). Fitted
+    per kind of run (window_class); 8-bit weights take ``window_8bit`` of the 4-bit figure.
+    Measured on CUDA; Metal's buffers are smaller (see CALIBRATION["metal"])."""
+    kind = window_class(shape)
+    blocks = int(arch["num_hidden_layers"])
+    adapted = min(shape.lora_layers, blocks)
+    tokens = float(shape.batch_size * shape.seq_len)
+    hidden = float(arch["hidden_size"])
+    scale = coefficients[f"window_{kind}_scale"] * 1e-10
+    cap = coefficients[f"window_{kind}_cap_gb"] * GB
+    layers = float(min(1.0, adapted / 16.0) ** coefficients["window_layers_power"])
+    window = min(scale * tokens * hidden * hidden * layers * GB, cap)
+    if 8 <= shape.bits < 16:
+        window *= coefficients["window_8bit"]
+    return window
 
 
 @dataclass(frozen=True)
@@ -226,19 +196,31 @@ class TrainingShape:
     lora_layers: int = 16
     grad_checkpoint: bool = False
     backend: str = "cpu"
-    in_flight: str = "bounded"
+    in_flight: str = "mlx"
 
 
 @dataclass(frozen=True)
 class Estimate:
+    """What a LoRA run needs, in decimal GB.
+
+    ``estimated_base_gb`` and ``estimated_conservative_gb`` are the process's footprint on
+    its device (what the machine must hold free), in the run's in-flight mode: the larger of
+    the build's and the training's. ``mlx_peak_gb`` and ``mlx_peak_conservative_gb`` are
+    MLX's own peak counter over training (what mlx_lm.lora prints as "Peak mem"), the figure
+    baselines compare."""
+
     estimated_base_gb: float
     estimated_conservative_gb: float
     breakdown: Mapping[str, float]
+    mlx_peak_gb: float = 0.0
+    mlx_peak_conservative_gb: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "estimated_base_gb": round(self.estimated_base_gb, 4),
             "estimated_conservative_gb": round(self.estimated_conservative_gb, 4),
+            "mlx_peak_gb": round(self.mlx_peak_gb, 4),
+            "mlx_peak_conservative_gb": round(self.mlx_peak_conservative_gb, 4),
             "breakdown": {k: round(v, 4) for k, v in self.breakdown.items()},
         }
 
@@ -314,11 +296,8 @@ def estimate_training_memory(arch: Mapping[str, Any], shape: TrainingShape) -> E
     coefficients = CALIBRATION[shape.backend]
     graph = {t: coefficients[t] * features[t] for t in GRAPH_TERMS}
     if shape.in_flight == "mlx":
-        window = window_bytes(features, coefficients)
-        envelope = min(
-            window_bytes(features, coefficients, "envelope") * ENVELOPE_MARGIN,
-            coefficients["envelope_cap_gb"] * GB,
-        )
+        window = window_bytes(arch, shape, coefficients)
+        envelope = window * ENVELOPE_MARGIN[window_class(shape)]
     else:  # one op in flight: nothing beyond the graph (the graph terms were fitted so)
         window = envelope = 0.0
 
@@ -326,25 +305,54 @@ def estimate_training_memory(arch: Mapping[str, Any], shape: TrainingShape) -> E
         graph[t]
         for t in ("mlp", "attention", "checkpoint", "checkpoint_ahead", "checkpoint_ahead_fused")
     )
+    exact = weights + lora + gradients + optimizer
+    margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
+    graph_bytes_ = sum(graph.values())
+    mlx_peak = exact + graph_bytes_ + window
+    mlx_peak_conservative = max(exact + graph_bytes_ * margin + max(window, envelope), mlx_peak)
+    overhead = backend_overhead_bytes(shape, graph_bytes_, window, conservative=False)
+    # The conservative shares were fitted to cover every run against its graph and window.
+    overhead_conservative = backend_overhead_bytes(shape, graph_bytes_, window, conservative=True)
     breakdown = {
         "weights_gb": weights / GB,
         "lora_parameters_gb": lora / GB,
         "gradients_gb": gradients / GB,
         "optimizer_state_gb": optimizer / GB,
         "activations_gb": (activations + graph["hidden"]) / GB,
-        "attention_scores_gb": graph["scores"] / GB,
+        "attention_scores_gb": (graph["scores"] + graph["scores_transient"]) / GB,
         "logits_and_loss_gb": (graph["logits"] + graph["softcap"]) / GB,
         "framework_overhead_gb": (graph["constant"] + window) / GB,
+        "backend_overhead_gb": overhead / GB,
     }
-    base = sum(breakdown.values())
-    exact = weights + lora + gradients + optimizer
-    margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
-    conservative = (exact + sum(graph.values()) * margin + max(window, envelope)) / GB
+    # The build (weights made a slice at a time, as a model loads from disk) needs the
+    # weights and what the backend holds; training needs more, except for odd shapes.
+    build = weights + SLICE_BYTES + BACKEND_OVERHEAD[shape.backend]["process_gb"] * GB
+    base = max(mlx_peak + overhead, build)
+    conservative = max(mlx_peak_conservative + overhead_conservative, build, base)
     return Estimate(
-        estimated_base_gb=base,
-        estimated_conservative_gb=max(conservative, base),
+        estimated_base_gb=base / GB,
+        estimated_conservative_gb=conservative / GB,
         breakdown=breakdown,
+        mlx_peak_gb=mlx_peak / GB,
+        mlx_peak_conservative_gb=mlx_peak_conservative / GB,
     )
+
+
+# The probe makes large matrices this many bytes (float32) at a time.
+SLICE_BYTES = 16 * 1024 * 1024
+
+
+def backend_overhead_bytes(
+    shape: TrainingShape, graph: float, window: float, conservative: bool
+) -> float:
+    """What the process holds beyond MLX's peak (see BACKEND_OVERHEAD): what the backend
+    holds whatever the model, plus shares of the step's graph memory and of the in-flight
+    window that MLX's buffer cache and the allocator's reserve keep beside the live arrays."""
+    terms = BACKEND_OVERHEAD[shape.backend]
+    suffix = "_conservative" if conservative else ""
+    graph_share = terms[("cache_checkpoint" if shape.grad_checkpoint else "cache") + suffix]
+    process = terms["process_conservative_gb" if conservative else "process_gb"]
+    return process * GB + graph_share * graph + terms["cache_window" + suffix] * window
 
 
 def seed_estimate_gb(parameters_billions: float) -> tuple[float, float]:
@@ -434,9 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--in-flight",
         choices=IN_FLIGHT_MODES,
-        default="bounded",
-        help="bounded (the probe's default): MLX encodes one op ahead of the device; "
-        "mlx: MLX's defaults, which add the in-flight window (framework_overhead_gb)",
+        default="mlx",
+        help="mlx (default): MLX's own command-buffer limits, what mlx_lm.lora runs, with "
+        "the in-flight window in framework_overhead_gb; bounded: one op in flight "
+        "(MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)

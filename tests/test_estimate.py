@@ -161,7 +161,7 @@ def test_cli_breakdown_and_errors() -> None:
 
 def test_mlx_in_flight_window_adds_framework_overhead_only() -> None:
     shape = replace(BASE, lora_layers=32, seq_len=2048)
-    bounded = estimate_training_memory(ARCH_7B, shape)
+    bounded = estimate_training_memory(ARCH_7B, replace(shape, in_flight="bounded"))
     mlx = estimate_training_memory(ARCH_7B, replace(shape, in_flight="mlx"))
     assert mlx.breakdown["framework_overhead_gb"] > bounded.breakdown["framework_overhead_gb"]
     for key in ("weights_gb", "activations_gb", "logits_and_loss_gb", "attention_scores_gb"):
