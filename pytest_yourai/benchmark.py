@@ -31,11 +31,19 @@ from pytest_yourai.search import search as run_search
 from pytest_yourai.session import PROP_PREFIX, YouraiSession, probe_environment
 
 PREVIEW_CHARS = 2000
+# What the probe measured of the process's footprint on its device (see footprint.py).
+FOOTPRINT_FIELDS = (
+    "build_footprint_gb",
+    "train_footprint_gb",
+    "footprint_peak_gb",
+    "footprint_source",
+)
 STDERR_CHARS = 2000
 
 # Result fields copied into JUnit properties / the summary, when the probe reports them.
 RESULT_PROPERTIES = (
     "peak_memory_gb",
+    *FOOTPRINT_FIELDS,
     "train_peak_memory_gb",
     "load_peak_memory_gb",
     "resident_memory_gb",
@@ -190,7 +198,9 @@ class YouraiBenchmark:
         timeout_s, _ = session.probe_deadline(self.item)
 
         def estimate(config: BenchmarkConfig) -> tuple[float, float]:
-            shape = training_shape(self.preset, config, preflight.shape.backend)
+            shape = training_shape(
+                self.preset, config, preflight.shape.backend, preflight.shape.in_flight
+            )
             e = estimate_training_memory(self.preset.architecture, shape)
             return e.estimated_base_gb, e.estimated_conservative_gb
 
@@ -374,11 +384,14 @@ class YouraiBenchmark:
                 exit_code=outcome.exit_code,
                 peak_memory_gb=peak,
                 train_peak_memory_gb=(result or {}).get("train_peak_memory_gb"),
+                **{key: (result or {}).get(key) for key in FOOTPRINT_FIELDS},
+                in_flight=self.preflight.shape.in_flight,
                 elapsed_s=round(outcome.elapsed_s, 3),
                 probe_peak_rss_gb=round(watchdog.peak_rss_gb, 4),
                 stdout_preview=stdout,
             )
             self._prop("verdict", "Pass")
+            self.session.record_timing(self.preflight, dict(result or {}), outcome.elapsed_s)
             steps = (result or {}).get("step_seconds") or []
             if steps:
                 self._prop("step_seconds_median", round(statistics.median(steps), 4))

@@ -8,12 +8,15 @@ memory is read with nvidia-smi.
 from __future__ import annotations
 
 import importlib.metadata
+import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import Any
 
 import psutil
 
@@ -46,6 +49,7 @@ def _distribution_installed(name: str) -> bool:
 
 
 def detect_backend() -> str:
+    """The backend MLX would use here, inferred without importing it (see check_mlx)."""
     if sys.platform == "darwin" and platform.machine() == "arm64":
         return "metal"
     if any(_distribution_installed(name) for name in CUDA_DISTRIBUTIONS) and shutil.which(
@@ -53,6 +57,98 @@ def detect_backend() -> str:
     ):
         return "cuda"
     return "cpu"
+
+
+MLX_DISTRIBUTIONS = ("mlx", "mlx-metal", "mlx-cpu", *CUDA_DISTRIBUTIONS)
+_MLX_CHECK = """
+import json, sys
+try:
+    import mlx.core as mx
+    device = mx.default_device()
+except Exception as exc:
+    print(json.dumps({"importable": False, "error": f"{type(exc).__name__}: {exc}"}))
+else:
+    gpu = "metal" if sys.platform == "darwin" else "cuda"
+    print(json.dumps({"importable": True, "backend": "cpu" if device.type == mx.cpu else gpu}))
+"""
+
+
+@dataclass(frozen=True)
+class MlxStatus:
+    """Whether ``import mlx.core`` works in this Python, and the device MLX picks."""
+
+    importable: bool
+    backend: str | None = None  # "cpu" | "cuda" | "metal"
+    error: str = ""
+
+    def reason(self) -> str:
+        return f"MLX is not importable ({self.error}); install it: {install_hint()}"
+
+
+def install_hint() -> str:
+    """The extra that brings the right MLX build to this machine."""
+    if sys.platform == "darwin" and platform.machine() == "arm64":
+        return "pip install pytest-yourai (MLX's Metal build comes with it)"
+    if shutil.which("nvidia-smi"):
+        return "pip install 'pytest-yourai[cuda]'"
+    return "pip install 'pytest-yourai[cpu]'"
+
+
+def mlx_fingerprint() -> str:
+    """What decides whether MLX imports: this interpreter and the installed MLX builds."""
+    versions = []
+    for name in MLX_DISTRIBUTIONS:
+        try:
+            versions.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return f"{sys.executable}|{os.environ.get('PYTHONPATH', '')}|{','.join(versions)}"
+
+
+_MLX_STATUS: dict[str, MlxStatus] = {}
+
+
+def mlx_status(cache: Any = None, host: str = "") -> MlxStatus:
+    """check_mlx, remembered per installation: in this process, and in pytest's ``cache``
+    when it worked (an installation that imported once keeps importing)."""
+    fingerprint = mlx_fingerprint()
+    if fingerprint in _MLX_STATUS:
+        return _MLX_STATUS[fingerprint]
+    key = f"yourai/mlx/{host}"
+    cached = cache.get(key, None) if cache is not None else None
+    if isinstance(cached, dict) and cached.get("fingerprint") == fingerprint:
+        status = MlxStatus(True, backend=str(cached.get("backend")))
+    else:
+        status = check_mlx()
+        if status.importable and cache is not None:
+            cache.set(key, {"fingerprint": fingerprint, "backend": status.backend})
+    _MLX_STATUS[fingerprint] = status
+    return status
+
+
+def check_mlx(timeout_s: float = 120.0) -> MlxStatus:
+    """Import mlx.core in a child Python (this process never imports it)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _MLX_CHECK],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return MlxStatus(False, error=f"the check could not run: {exc}")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        data = json.loads(lines[-1]) if lines else {}
+    except json.JSONDecodeError:
+        data = {}
+    if not isinstance(data, dict) or "importable" not in data:
+        tail = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        return MlxStatus(False, error=tail)
+    if not data["importable"]:
+        return MlxStatus(False, error=str(data.get("error", "")))
+    return MlxStatus(True, backend=str(data["backend"]))
 
 
 def _command_output(argv: list[str], timeout_s: float) -> str | None:

@@ -103,6 +103,7 @@ def _properties(
         "seq_len": s.seq_len,
         "bits": s.bits,
         "dtype": s.dtype,
+        "in_flight": s.in_flight,
         "decision": preflight.decision,
         "host": host,
         "worker": worker,
@@ -157,6 +158,7 @@ class YouraiHooks:
             return
         preset: Preset = callspec.params[PRESET_ARG]
         settings = self.session.settings
+        self.session.require_mlx(item, preset)
         self.session.safety_check(item)
         preflight = self.session.preflight(item, preset)
         item.user_properties.extend(

@@ -5,7 +5,7 @@ Pure: it takes what the machine has as numbers and returns a Preflight.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pytest_yourai.autoconfig import (
@@ -19,9 +19,11 @@ from pytest_yourai.estimate import (
     TrainingShape,
     default_dtype,
     estimate_training_memory,
-    predict_probe_seconds,
+    training_flops,
+    weight_bytes,
 )
 from pytest_yourai.presets import Preset
+from pytest_yourai.throughput import TimeModel, predict_seconds
 
 DEFAULT_SEQ_LEN = 512
 DEFAULT_BITS = 4
@@ -29,6 +31,15 @@ DEFAULT_GROUP_SIZE = 64
 DEFAULT_STEPS = 4
 
 RUN, SKIP_MEMORY, SKIP_TIME = "run", "skip_memory", "skip_time"
+SKIP_NO_MLX = "skip_no_mlx"  # MLX cannot be imported: nothing is judged
+BOUNDED_ENV_TEXT = "MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1"
+
+
+def fits(conservative_gb: float, available_gb: float, safety_gb: float) -> bool:
+    """The go rule: the conservative footprint fits what is available with ``safety_gb``
+    still free, so the watchdog (which stops a probe below ``safety_gb``) never trips on a
+    run that needs what was estimated. The pre-flight, admission and the fit map use it."""
+    return conservative_gb <= available_gb - safety_gb
 
 
 @dataclass(frozen=True)
@@ -43,9 +54,11 @@ class Preflight:
     decision: str
     reason: str
 
+    safety_gb: float = 0.0
+
     @property
     def insufficient(self) -> bool:
-        return self.available_gb < self.estimate.estimated_conservative_gb
+        return not fits(self.estimate.estimated_conservative_gb, self.available_gb, self.safety_gb)
 
     def required_text(self) -> str:
         e = self.estimate
@@ -67,6 +80,7 @@ class Preflight:
             "lora_rank": self.shape.lora_rank,
             "lora_layers": self.shape.lora_layers,
             "grad_checkpoint": self.shape.grad_checkpoint,
+            "in_flight": self.shape.in_flight,
             "steps": self.steps,
             "estimated_base_gb": round(self.estimate.estimated_base_gb, 4),
             "estimated_conservative_gb": round(self.estimate.estimated_conservative_gb, 4),
@@ -74,7 +88,9 @@ class Preflight:
         }
 
 
-def training_shape(preset: Preset, config: BenchmarkConfig, backend: str) -> TrainingShape:
+def training_shape(
+    preset: Preset, config: BenchmarkConfig, backend: str, in_flight: str = "mlx"
+) -> TrainingShape:
     pins = preset.pins
     return TrainingShape(
         bits=int(pins.get("bits", DEFAULT_BITS)),
@@ -86,12 +102,20 @@ def training_shape(preset: Preset, config: BenchmarkConfig, backend: str) -> Tra
         lora_layers=config.lora_layers,
         grad_checkpoint=bool(pins.get("grad_checkpoint", False)),
         backend=backend,
+        in_flight=in_flight,
     )
 
 
 def choose_config(
-    preset: Preset, available_gb: float, backend: str, policy: str
+    preset: Preset,
+    available_gb: float,
+    backend: str,
+    policy: str,
+    in_flight: str = "mlx",
+    safety_gb: float = 0.0,
 ) -> BenchmarkConfig:
+    """The seed's table (by available memory), or, with the fit policy, the largest config
+    whose conservative footprint fits by the go rule."""
     num_layers = int(preset.architecture["num_hidden_layers"])
     seed = apply_pins(
         get_safe_benchmark_config(preset.size_billions, available_gb, num_layers), preset.pins
@@ -100,10 +124,10 @@ def choose_config(
         return seed
 
     def conservative(candidate: BenchmarkConfig) -> float:
-        shape = training_shape(preset, apply_pins(candidate, preset.pins), backend)
+        shape = training_shape(preset, apply_pins(candidate, preset.pins), backend, in_flight)
         return estimate_training_memory(preset.architecture, shape).estimated_conservative_gb
 
-    fitted = fit_config(num_layers, available_gb, conservative)
+    fitted = fit_config(num_layers, available_gb - safety_gb, conservative)
     return apply_pins(fitted, preset.pins) if fitted is not None else seed
 
 
@@ -116,22 +140,35 @@ def plan(
     force: bool,
     timeout_s: float,
     gflops: float | None,
+    in_flight: str = "mlx",
+    safety_gb: float = 0.0,
+    timing: TimeModel | None = None,
 ) -> Preflight:
-    """Choose the config, estimate it, and decide whether to run it."""
-    config = choose_config(preset, available_gb, backend, policy)
-    shape = training_shape(preset, config, backend)
+    """Choose the config, estimate it, and decide whether to run it.
+
+    Time: ``timing`` is what this machine's earlier probes took (throughput.py); without it
+    the matmul throughput ``gflops`` stands in. A preset is skipped for time only when even
+    the optimistic prediction exceeds the timeout, so one that would finish is never
+    skipped."""
+    config = choose_config(preset, available_gb, backend, policy, in_flight, safety_gb)
+    shape = training_shape(preset, config, backend, in_flight)
     steps = int(preset.pins.get("steps", DEFAULT_STEPS))
     estimate = estimate_training_memory(preset.architecture, shape)
-    predicted = predict_probe_seconds(preset.architecture, shape, steps, gflops) if gflops else None
+    times = predict_seconds(
+        timing,
+        backend,
+        training_flops(preset.architecture, shape),
+        weight_bytes(preset.architecture, shape.bits, shape.group_size, shape.dtype) / 1e9,
+        steps,
+        gflops,
+    )
+    predicted, optimistic = times if times is not None else (None, None)
     decision, reason = RUN, ""
-    if available_gb < estimate.estimated_conservative_gb:
-        reason = (
-            f"{preset.name}: needs ~{estimate.estimated_base_gb:.3g}–"
-            f"{estimate.estimated_conservative_gb:.3g} GB, {available_gb:.3g} GB available"
-        )
+    if not fits(estimate.estimated_conservative_gb, available_gb, safety_gb):
+        reason = memory_reason(preset, shape, estimate, available_gb, safety_gb)
         if not force:
             decision = SKIP_MEMORY
-    if decision == RUN and predicted is not None and predicted > timeout_s and not force:
+    if decision == RUN and optimistic is not None and optimistic > timeout_s and not force:
         decision = SKIP_TIME
         reason = (
             f"{preset.name}: would take ~{predicted:,.0f} s on {backend} "
@@ -147,6 +184,33 @@ def plan(
         predicted_seconds=predicted,
         decision=decision,
         reason=reason,
+        safety_gb=safety_gb,
+    )
+
+
+def memory_reason(
+    preset: Preset,
+    shape: TrainingShape,
+    estimate: Estimate,
+    available_gb: float,
+    safety_gb: float,
+) -> str:
+    """Why a preset does not fit; with MLX's defaults, whether one op in flight would fit,
+    and how to run the real fine-tune that way."""
+    kept = f" with {safety_gb:g} GB kept free" if safety_gb else ""
+    reason = (
+        f"{preset.name}: needs ~{estimate.estimated_base_gb:.3g}–"
+        f"{estimate.estimated_conservative_gb:.3g} GB, {available_gb:.3g} GB available{kept}"
+    )
+    if shape.in_flight != "mlx":
+        return reason
+    bounded = estimate_training_memory(preset.architecture, replace(shape, in_flight="bounded"))
+    if not fits(bounded.estimated_conservative_gb, available_gb, safety_gb):
+        return reason
+    return (
+        f"{reason}; with one op in flight it needs ~{bounded.estimated_base_gb:.3g}–"
+        f"{bounded.estimated_conservative_gb:.3g} GB and fits: run the fine-tune as "
+        f"`{BOUNDED_ENV_TEXT} mlx_lm.lora ...` and benchmark it with --yourai-in-flight bounded"
     )
 
 

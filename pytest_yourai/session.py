@@ -21,7 +21,7 @@ import pytest
 from pytest_yourai import __version__, baseline
 from pytest_yourai.admission import Admission, Ledger, NeverFits
 from pytest_yourai.errors import YouraiUsageError
-from pytest_yourai.estimate import TrainingShape
+from pytest_yourai.estimate import TrainingShape, training_flops, weight_bytes
 from pytest_yourai.eventlog import (
     BENCHMARK_COMPLETE,
     BENCHMARK_START,
@@ -33,11 +33,24 @@ from pytest_yourai.eventlog import (
     EventLog,
     check_log_path,
 )
-from pytest_yourai.memory import MachineMemory, detect_backend, read_machine_memory
-from pytest_yourai.preflight import Preflight, plan, safety_stop_reason
+from pytest_yourai.memory import (
+    MachineMemory,
+    MlxStatus,
+    detect_backend,
+    mlx_status,
+    read_machine_memory,
+)
+from pytest_yourai.preflight import SKIP_NO_MLX, Preflight, plan, safety_stop_reason
 from pytest_yourai.presets import Preset, builtin_presets, load_presets_file, sort_smallest_first
 from pytest_yourai.runner import ProbeProcess
 from pytest_yourai.settings import Settings
+from pytest_yourai.throughput import (
+    KEEP_OBSERVATIONS,
+    TimeModel,
+    TimingObservation,
+    observe,
+)
+from pytest_yourai.throughput import fit as fit_time
 
 PRESET_ARG = "yourai_preset"
 PROTOCOL_START_KEY = pytest.StashKey[float]()
@@ -91,7 +104,7 @@ class YouraiSession:
         self.is_worker = workerinput is not None
         self.worker_id = str(workerinput["workerid"]) if workerinput else "main"
         self.run_id = str((workerinput or {}).get("yourai_run_id") or uuid.uuid4().hex[:12])
-        self.backend = detect_backend()
+        self._mlx: MlxStatus | None = None
         self.log = EventLog(settings.log_path, run_id=self.run_id, worker=self.worker_id)
         self.started = False
         self.start_time = time.time()
@@ -114,6 +127,21 @@ class YouraiSession:
         return cls(config, settings, load_presets(settings))
 
     # -- machine -------------------------------------------------------------------------
+
+    @property
+    def mlx(self) -> MlxStatus:
+        """Whether MLX imports here (asked of a child Python once per installation). A
+        custom probe command needs no MLX: then the backend is inferred."""
+        if self._mlx is None:
+            if self.settings.probe_command is not None:
+                self._mlx = MlxStatus(True, backend=detect_backend())
+            else:
+                self._mlx = mlx_status(getattr(self.config, "cache", None), self.host)
+        return self._mlx
+
+    @property
+    def backend(self) -> str:
+        return self.mlx.backend or detect_backend()
 
     def machine(self, fresh: bool = False) -> MachineMemory:
         if fresh or self._machine is None:
@@ -178,12 +206,14 @@ class YouraiSession:
         return written
 
     def header_line(self) -> str:
+        if not self.mlx.importable:
+            return f"yourai: log {self.settings.log_path} | {self.mlx.reason()}"
         m = self.machine()
         cap = f" (capped at {m.cap_gb:g} GB)" if m.cap_gb is not None else ""
         return (
             f"yourai: log {self.settings.log_path} | backend {m.backend} ({m.device_name}) | "
             f"total {m.total_gb:.1f} GB, available {m.available_gb:.1f} GB{cap} | "
-            f"force {'on' if self.settings.force else 'off'}"
+            f"in flight {self.settings.in_flight} | force {'on' if self.settings.force else 'off'}"
             + (" | estimate only" if self.settings.estimate_only else "")
             + (f" | available = {m.source}" if m.backend == "metal" else "")
         )
@@ -207,6 +237,7 @@ class YouraiSession:
             timeout_s=self.settings.timeout_s,
             estimate_only=self.settings.estimate_only,
             config_policy=self.settings.config_policy,
+            in_flight=self.settings.in_flight,
             presets=[p.name for p in self.presets],
             plugin_version=__version__,
             python=sys.version.split()[0],
@@ -231,6 +262,39 @@ class YouraiSession:
         return nodeid.endswith("]") and nodeid[nodeid.rfind("[") + 1 : -1] in self.preset_names
 
     # -- pre-flight (in the process that runs the item) -----------------------------------
+
+    def require_mlx(self, item: pytest.Item, preset: Preset) -> None:
+        """Skip the preset, logged with the reason, when MLX cannot be imported here: no
+        preset is judged against host RAM as if it were the GPU. --yourai-force does not
+        change this (the probe needs MLX); a custom probe command does not need it."""
+        if self.mlx.importable:
+            return
+        reason = f"{preset.name}: {self.mlx.reason()}"
+        self.log.write_event(
+            MODEL_START, preset=preset.name, model_name=preset.repo, params=preset.params
+        )
+        self.log.write_event(
+            PREFLIGHT_CHECK,
+            preset=preset.name,
+            available_gb=None,
+            estimated_base_gb=None,
+            estimated_conservative_gb=None,
+            batch_size=None,
+            lora_rank=None,
+            lora_layers=None,
+            decision=SKIP_NO_MLX,
+            reason=reason,
+        )
+        item.user_properties.extend(
+            (PROP_PREFIX + name, value)
+            for name, value in (
+                ("preset", preset.name),
+                ("params", preset.params),
+                ("decision", SKIP_NO_MLX),
+                ("reason", reason),
+            )
+        )
+        raise pytest.skip.Exception(reason, _use_item_location=True)
 
     def safety_check(self, item: pytest.Item) -> None:
         """Stop the whole session before spawning anything when memory is critically low."""
@@ -271,11 +335,12 @@ class YouraiSession:
             params=preset.params,
             nodeid=item.nodeid,
         )
-        result = self._plan(preset, machine, None)
-        if result.decision == "run" and not self.settings.force:
+        timing = self.time_model(machine.backend)
+        result = self._plan(preset, machine, None, timing)
+        if result.decision == "run" and not self.settings.force and timing is None:
             gflops = self.throughput(result.shape)
             if gflops is not None:
-                result = self._plan(preset, machine, gflops)
+                result = self._plan(preset, machine, gflops, timing)
         self.log.write_event(
             PREFLIGHT_CHECK,
             preset=preset.name,
@@ -295,10 +360,19 @@ class YouraiSession:
             decision=result.decision,
             reason=result.reason,
             memory_source=machine.source,
+            in_flight=result.shape.in_flight,
+            mlx_peak_gb=round(result.estimate.mlx_peak_gb, 3),
+            safety_gb=self.settings.safety_gb,
         )
         return result
 
-    def _plan(self, preset: Preset, machine: MachineMemory, gflops: float | None) -> Preflight:
+    def _plan(
+        self,
+        preset: Preset,
+        machine: MachineMemory,
+        gflops: float | None,
+        timing: TimeModel | None,
+    ) -> Preflight:
         return plan(
             preset,
             machine.available_gb,
@@ -307,7 +381,44 @@ class YouraiSession:
             force=self.settings.force,
             timeout_s=self.settings.timeout_s,
             gflops=gflops,
+            in_flight=self.settings.in_flight,
+            safety_gb=self.settings.safety_gb,
+            timing=timing,
         )
+
+    def _timing_key(self, backend: str) -> str:
+        return f"yourai/timing/{self.host}-{backend}"
+
+    def time_model(self, backend: str) -> TimeModel | None:
+        """What this machine's earlier probes took, fitted (None: nothing measured yet, or
+        a custom probe command, whose speed is its own)."""
+        cache = getattr(self.config, "cache", None)
+        if cache is None or self.settings.probe_command is not None:
+            return None
+        raw = cache.get(self._timing_key(backend), [])
+        try:
+            return fit_time([TimingObservation.from_json(o) for o in raw])
+        except (KeyError, TypeError, ValueError):
+            return None  # an older or damaged cache entry: measure again
+
+    def record_timing(self, preflight: Preflight, result: dict[str, Any], elapsed_s: float) -> None:
+        """Learn from a finished probe how long probes take here."""
+        cache = getattr(self.config, "cache", None)
+        if cache is None or self.settings.probe_command is not None:
+            return
+        shape, arch = preflight.shape, preflight.preset.architecture
+        seen = observe(
+            training_flops(arch, shape),
+            weight_bytes(arch, shape.bits, shape.group_size, shape.dtype) / 1e9,
+            elapsed_s,
+            [float(s) for s in result.get("step_seconds") or []],
+        )
+        if seen is None:
+            return
+        key = self._timing_key(shape.backend)
+        raw = cache.get(key, [])
+        kept = [o for o in raw if isinstance(o, dict)] if isinstance(raw, list) else []
+        cache.set(key, [*kept, seen.to_json()][-KEEP_OBSERVATIONS:])
 
     def throughput(self, shape: TrainingShape) -> float | None:
         """GFLOP/s of this backend at the run's dtype and bits, measured once and cached.

@@ -17,6 +17,7 @@ import pytest
 
 from pytest_yourai.autoconfig import CONFIG_POLICIES
 from pytest_yourai.errors import YouraiUsageError
+from pytest_yourai.estimate import IN_FLIGHT_MODES
 
 DEFAULT_LOG = "benchmark_log.jsonl"
 DEFAULT_TIMEOUT_S = 300.0
@@ -121,6 +122,17 @@ OPTIONS: tuple[Option, ...] = (
         metavar="POLICY",
     ),
     Option(
+        "--yourai-in-flight",
+        "yourai_in_flight",
+        "how far MLX may encode ahead of the device, as the fine-tune will run it: mlx "
+        "(default: MLX's own limits, what mlx_lm.lora runs) or bounded "
+        "(MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1: smaller, slower)",
+        "choice",
+        "mlx",
+        IN_FLIGHT_MODES,
+        metavar="MODE",
+    ),
+    Option(
         "--yourai-json",
         "yourai_json",
         "write machine info and per-preset results as JSON to PATH",
@@ -190,6 +202,7 @@ class Settings:
     probe_command: tuple[str, ...] | None
     estimate_only: bool
     config_policy: str
+    in_flight: str
     json_path: Path | None
     plot_path: Path | None
     baseline_save: bool
@@ -276,14 +289,18 @@ def resolve(config: pytest.Config) -> Settings:
         path = Path(text).expanduser()
         return path if path.is_absolute() else invocation / path
 
-    def as_choice(value: Any, source: str) -> str:
-        text = str(value).strip()
-        if text not in CONFIG_POLICIES:
-            raise YouraiUsageError(
-                f"{source}: unknown config policy {text!r}; "
-                f"expected one of {', '.join(CONFIG_POLICIES)}"
-            )
-        return text
+    def as_choice(dest: str) -> Callable[[Any, str], str]:
+        choices = by_dest[dest].choices
+
+        def convert(value: Any, source: str) -> str:
+            text = str(value).strip()
+            if text not in choices:
+                raise YouraiUsageError(
+                    f"{source}: unknown value {text!r}; expected one of {', '.join(choices)}"
+                )
+            return text
+
+        return convert
 
     def as_names(value: Any, source: str) -> tuple[str, ...]:
         names = tuple(n.strip() for n in str(value).split(",") if n.strip())
@@ -331,7 +348,8 @@ def resolve(config: pytest.Config) -> Settings:
         max_memory_gb=get("yourai_max_memory", lambda v, s: _as_float(v, s, allow_zero=False)),
         probe_command=get("yourai_probe_command", as_command),
         estimate_only=bool(get("yourai_estimate_only", _as_bool)),
-        config_policy=get("yourai_config", as_choice),
+        config_policy=get("yourai_config", as_choice("yourai_config")),
+        in_flight=get("yourai_in_flight", as_choice("yourai_in_flight")),
         json_path=get("yourai_json", as_path),
         plot_path=get("yourai_plot", as_plot),
         baseline_save=bool(get("yourai_baseline_save", _as_bool)),

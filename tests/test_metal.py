@@ -96,8 +96,9 @@ def test_preflight_on_metal_uses_the_working_set(
     monkeypatch.setattr(memory_module, "_metal_device_info", lambda: dict(M1_16GB))
     monkeypatch.setattr(memory_module, "_DEVICE_INFO", None)
     import pytest_yourai.session as session_module
+    from pytest_yourai.memory import MlxStatus
 
-    monkeypatch.setattr(session_module, "detect_backend", lambda: "metal")
+    monkeypatch.setattr(session_module, "mlx_status", lambda *_: MlxStatus(True, "metal"))
     result = bench.runpytest("-k", "hermes-70b or r1", "--yourai-estimate-only", "-rs")
     result.stdout.fnmatch_lines(["*backend metal (Apple M1)*available = *"])
     records = [

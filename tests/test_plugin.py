@@ -238,6 +238,7 @@ def test_existing_log_is_appended_to(bench: pytest.Pytester) -> None:
         (["--yourai-max-memory", "-1"], "--yourai-max-memory"),
         (["--yourai-safety-gb", "lots"], "--yourai-safety-gb"),
         (["--yourai-config", "best"], "'best'"),
+        (["--yourai-in-flight", "sideways"], "'sideways'"),
         (["--yourai-presets", "nope"], "nope"),
         (["--yourai-log", "missing-dir/log.jsonl"], "missing-dir"),
         (["--yourai-presets-file", "broken.toml"], "broken.toml"),
@@ -260,6 +261,54 @@ def test_bad_input_is_a_one_line_usage_error(
     assert len(errors) == 1 and errors[0].startswith("ERROR:") and named in errors[0], errors
     assert "Traceback" not in result.stderr.str() + result.stdout.str()
     assert log.read_text() == "keep me\n"
+
+
+def test_in_flight_mode_is_recorded_everywhere(bench: pytest.Pytester) -> None:
+    """MLX's defaults unless asked: in the pre-flight, the probe's result and JUnit."""
+    result = bench.runpytest("-k", "tiny-llama", "--junitxml=junit.xml")
+    result.assert_outcomes(passed=1)
+    records = read_log(bench.path / "benchmark_log.jsonl")
+    (preflight,) = events(records, "preflight_check")
+    (completed,) = events(records, "subprocess_completed")
+    assert preflight["in_flight"] == completed["in_flight"] == "mlx"
+    assert completed["train_footprint_gb"] >= completed["train_peak_memory_gb"] > 0
+    props = {
+        p.get("name"): p.get("value")
+        for p in ET.parse(bench.path / "junit.xml").getroot().iter("property")
+    }
+    assert props["yourai_in_flight"] == "mlx" and float(props["yourai_footprint_peak_gb"]) > 0
+    for how in (["--yourai-in-flight", "bounded"], ["-o", "yourai_in_flight=bounded"]):
+        bench.path.joinpath("benchmark_log.jsonl").unlink()
+        bench.runpytest("-k", "tiny-llama", *how).assert_outcomes(passed=1)
+        records = read_log(bench.path / "benchmark_log.jsonl")
+        assert events(records, "preflight_check")[0]["in_flight"] == "bounded"
+        assert events(records, "subprocess_completed")[0]["in_flight"] == "bounded"
+
+
+def test_in_flight_option_in_help(bench: pytest.Pytester) -> None:
+    result = bench.runpytest("--help")
+    result.stdout.fnmatch_lines(["*--yourai-in-flight*"])
+
+
+def test_mlx_that_cannot_be_imported_is_said_not_guessed(
+    bench: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = bench.path / "fake" / "mlx"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('libmlx.so: cannot open shared object')")
+    monkeypatch.setenv("PYTHONPATH", str(fake.parent))
+    result = bench.runpytest_subprocess("-k", "tiny-llama or hermes-70b", "-rs")
+    result.assert_outcomes(skipped=2)
+    result.stdout.fnmatch_lines(
+        [
+            "yourai: *MLX is not importable (ImportError: libmlx.so*); install it: pip install*",
+            "SKIPPED*tiny-llama: MLX is not importable*",
+        ]
+    )
+    records = read_log(bench.path / "benchmark_log.jsonl")
+    assert {r["decision"] for r in events(records, "preflight_check")} == {"skip_no_mlx"}
+    assert all(r["available_gb"] is None for r in events(records, "preflight_check"))
+    assert not events(records, "subprocess_start")
 
 
 def test_bad_ini_value_names_the_ini_key(bench: pytest.Pytester) -> None:

@@ -253,7 +253,7 @@ def test_search_in_the_plugin(bench: pytest.Pytester) -> None:
         probe,
         "--yourai-search",
         "--yourai-max-memory",
-        "2.3",
+        "2.4",
         "--yourai-json",
         "out.json",
         "-v",
