@@ -86,6 +86,67 @@ def grid_shape(entry: dict[str, Any], backend: str) -> TrainingShape:
     )
 
 
+class DeviceSampler:
+    """``nvidia-smi`` sampling the GPU's used memory every 50 ms for the whole run, so each
+    probe's footprint can be checked against what the device itself reports. Each sample
+    carries nvidia-smi's own timestamp, so pipe buffering cannot shift it in time."""
+
+    def __init__(self) -> None:
+        import subprocess
+
+        self.samples: list[tuple[float, float]] = []  # (wall clock, GB used)
+        self._proc = subprocess.Popen(
+            [
+                "nvidia-smi",
+                "--query-gpu=timestamp,memory.used",
+                "--format=csv,noheader,nounits",
+                "-lms",
+                "50",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        from datetime import datetime
+
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            try:
+                stamp, used = (part.strip() for part in line.split(",")[:2])
+                when = datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                self.samples.append((when, float(used) * 1024 * 1024 / 1e9))
+            except ValueError:
+                continue
+
+    def now(self) -> float | None:
+        return self.samples[-1][1] if self.samples else None
+
+    def peak(self, start: float, end: float) -> float | None:
+        inside = [gb for t, gb in list(self.samples) if start <= t <= end]
+        return max(inside) if inside else None
+
+    def stop(self) -> None:
+        self._proc.terminate()
+
+
+def device_check(
+    sampler: DeviceSampler, result: dict[str, Any], idle_gb: float | None, alone: bool
+) -> dict[str, Any]:
+    """nvidia-smi's view of the probe: the device's used memory above the idle reading
+    taken just before it started, at its peak during the build and during the steps."""
+    started = result.get("phase_started_at") or {}
+    check: dict[str, Any] = {"idle_gb": idle_gb, "alone": alone, "interval_ms": 50}
+    bounds = {"build": ("build", "train"), "train": ("train", "done")}
+    for phase, (first, last) in bounds.items():
+        if first in started and last in started and idle_gb is not None:
+            peak = sampler.peak(float(started[first]), float(started[last]))
+            check[f"{phase}_peak_gb"] = None if peak is None else round(peak - idle_gb, 4)
+    return check
+
+
 class MemoryBudget:
     """Admits concurrent probes while the sum of their conservative estimates fits."""
 
@@ -114,6 +175,7 @@ def run(
     jobs: int = 1,
     budget_gb: float = 0.0,
     backend: str = "cuda",
+    nvidia_smi: bool = False,
 ) -> int:
     """Probe every grid line; with ``jobs`` > 1, several at once within ``budget_gb``.
 
@@ -126,6 +188,8 @@ def run(
         entries = [entry for entry in entries if entry not in done]
     budget = MemoryBudget(budget_gb) if jobs > 1 else None
     write_lock = threading.Lock()
+    sampler = DeviceSampler() if nvidia_smi else None
+    running = [0]
 
     def probe(index: int, entry: dict[str, Any]) -> bool:
         argv = probe_argv(entry)
@@ -134,14 +198,27 @@ def run(
         )
         held = 0.0
         if budget is not None:
-            need = estimate_training_memory(architecture(entry), grid_shape(entry, backend))
-            held = budget.acquire(need.estimated_conservative_gb)
+            # A grid line may say what to reserve where the estimator does not know the
+            # model yet (a mixture of experts, say).
+            need = entry.get("reserve_gb") or (
+                estimate_training_memory(
+                    architecture(entry), grid_shape(entry, backend)
+                ).estimated_conservative_gb
+            )
+            held = budget.acquire(float(need))
         print(f"[{index}/{len(entries)}] {shown}", flush=True)
         env = {k: v for k, v in os.environ.items() if k != "YOURAI_PROBE_SPEC"}
+        with write_lock:
+            running[0] += 1
+            alone = running[0] == 1
+            idle = sampler.now() if sampler is not None else None
         try:
             with ProbeProcess(argv, env) as proc:
                 outcome = proc.wait(timeout_s)
         finally:
+            with write_lock:
+                alone = alone and running[0] == 1
+                running[0] -= 1
             if budget is not None:
                 budget.release(held)
         result = outcome.result or {
@@ -158,6 +235,8 @@ def run(
             "result": result,
             "machine": {"platform": platform.platform(), "python": platform.python_version()},
         }
+        if sampler is not None:
+            record["nvidia_smi"] = device_check(sampler, result, idle, alone)
         with write_lock:
             with open(out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
@@ -169,8 +248,12 @@ def run(
         )
         return result.get("status") == "ok"
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        oks = list(pool.map(lambda item: probe(*item), enumerate(entries, start=1)))
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            oks = list(pool.map(lambda item: probe(*item), enumerate(entries, start=1)))
+    finally:
+        if sampler is not None:
+            sampler.stop()
     return 0 if all(oks) else 1
 
 
@@ -275,6 +358,39 @@ def repeat(first: Path, second: Path) -> int:
     return 0
 
 
+def timing(paths: list[Path]) -> int:
+    """Replay the plugin's time model (throughput.py) over probes run one after another: each
+    probe's time as predicted from the ones before it, against what it took."""
+    from pytest_yourai.estimate import training_flops, weight_bytes
+    from pytest_yourai.throughput import fit, observe
+
+    seen = []
+    ratios = []
+    for path in paths:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            result = record.get("result", {})
+            if result.get("status") != "ok":
+                continue
+            arch, shape = architecture(record["grid"]), shape_of(record)
+            flops = training_flops(arch, shape)
+            weights = weight_bytes(arch, shape.bits, shape.group_size, shape.dtype) / 1e9
+            model = fit(seen)
+            steps = len(result["step_seconds"])
+            predicted = model.predict(flops, weights, steps) if model else None
+            took = float(record["elapsed_s"])
+            if predicted:
+                ratios.append(took / predicted)
+            shown = "first probe" if predicted is None else f"predicted {predicted:6.1f} s"
+            print(f"{record['name']:<28} {shape.in_flight:<8} took {took:6.1f} s, {shown}")
+            observation = observe(flops, weights, took, result["step_seconds"])
+            if observation is not None:
+                seen.append(observation)
+    if ratios:
+        print(f"actual / predicted after the first probe: {min(ratios):.2f}-{max(ratios):.2f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +406,12 @@ def main() -> int:
         help="with --jobs > 1: the most GB the running probes' conservative estimates may sum to",
     )
     run_p.add_argument("--backend", default="cuda", choices=BACKENDS)
+    run_p.add_argument(
+        "--nvidia-smi",
+        action="store_true",
+        help="sample the GPU's used memory every 50 ms and record each probe's build and "
+        "train peak above the idle reading (meaningful for probes that ran alone)",
+    )
     report_p = sub.add_parser("report", help="estimator vs measured, per backend")
     report_p.add_argument("results", type=Path, nargs="+")
     report_p.add_argument(
@@ -299,14 +421,26 @@ def main() -> int:
         help="the mode of results that record none (older probe): mlx unless they were "
         "measured with MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1",
     )
+    timing_p = sub.add_parser("timing", help="replay the time model over sequential probes")
+    timing_p.add_argument("results", type=Path, nargs="+")
     repeat_p = sub.add_parser("repeat", help="the same grid measured twice: how alike")
     repeat_p.add_argument("first", type=Path)
     repeat_p.add_argument("second", type=Path)
     args = parser.parse_args()
+    if args.command == "timing":
+        return timing(args.results)
     if args.command == "repeat":
         return repeat(args.first, args.second)
     if args.command == "run":
-        return run(args.grid, args.out, args.timeout, args.jobs, args.budget_gb, args.backend)
+        return run(
+            args.grid,
+            args.out,
+            args.timeout,
+            args.jobs,
+            args.budget_gb,
+            args.backend,
+            args.nvidia_smi,
+        )
     return report(args.results, args.legacy_in_flight)
 
 

@@ -18,6 +18,39 @@ def machine_id(backend: str, device_name: str, total_gb: float) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", raw).strip("_")
 
 
+# The run's fields a baseline is keyed by, in run_key's order (after the preset).
+KEY_FIELDS = (
+    "batch_size",
+    "seq_len",
+    "lora_rank",
+    "lora_layers",
+    "bits",
+    "dtype",
+    "grad_checkpoint",
+    "in_flight",
+)
+
+
+def run_key(
+    preset: str,
+    batch_size: object,
+    seq_len: object,
+    lora_rank: object,
+    lora_layers: object,
+    bits: object,
+    dtype: object,
+    grad_checkpoint: object,
+    in_flight: object,
+) -> str:
+    """What a baseline belongs to: the preset at one config, in one in-flight mode. A run at
+    another batch size, rank, bits or mode is never compared with it."""
+    checkpoint = "-gc" if grad_checkpoint else ""
+    return (
+        f"{preset}|b{batch_size}-s{seq_len}-r{lora_rank}-L{lora_layers}-q{bits}-{dtype}"
+        f"{checkpoint}|{in_flight}"
+    )
+
+
 def baseline_path(directory: Path, machine: str) -> Path:
     return directory / f"{machine}.json"
 

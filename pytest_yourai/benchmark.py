@@ -451,7 +451,12 @@ class YouraiBenchmark:
         settings = self.session.settings
         if not settings.baseline_compare:
             return
-        old = baseline.load(settings.baseline_dir, self.session.machine_id()).get(self.preset.name)
+        shape = self.preflight.shape
+        key = baseline.run_key(
+            self.preset.name,
+            *(getattr(shape, name) for name in baseline.KEY_FIELDS),
+        )
+        old = baseline.load(settings.baseline_dir, self.session.machine_id()).get(key)
         if not isinstance(old, dict) or not isinstance(old.get("peak_memory_gb"), int | float):
             return
         self._prop("baseline_peak_gb", old["peak_memory_gb"])

@@ -104,6 +104,7 @@ def _properties(
         "bits": s.bits,
         "dtype": s.dtype,
         "in_flight": s.in_flight,
+        "grad_checkpoint": s.grad_checkpoint,
         "decision": preflight.decision,
         "host": host,
         "worker": worker,

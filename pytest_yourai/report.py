@@ -20,6 +20,13 @@ def _gb(value: object) -> str:
     return f"{gb_number(float(value))} GB" if isinstance(value, int | float) else "-"
 
 
+def measured_gb(row: ResultRow) -> object:
+    """What the run held on its device at its worst (the footprint), or, from a probe that
+    does not report one, MLX's peak."""
+    footprint = row.get("footprint_peak_gb")
+    return footprint if isinstance(footprint, int | float) else row.get("peak_memory_gb")
+
+
 def config_text(row: ResultRow) -> str:
     if row.get("batch_size") is None:
         return "-"
@@ -62,14 +69,23 @@ def item_lines(row: ResultRow, index: int, total: int | None) -> list[str]:
         lines.append(f"  {verdict}{': ' + reason if reason else ''}")
     else:
         mark = VERDICT_MARKS.get(verdict, "?")
-        peak = row.get("peak_memory_gb")
+        peak = measured_gb(row)
         detail = f" ({gb_number(float(peak))} GB peak)" if isinstance(peak, int | float) else ""
         lines.append(f"  Testing... {mark} {verdict}{detail}")
     return lines
 
 
 def summary_table(rows: Sequence[ResultRow]) -> list[str]:
-    headers = ("preset", "params", "config", "estimate", "available", "peak", "verdict")
+    headers = (
+        "preset",
+        "params",
+        "config",
+        "estimate",
+        "available",
+        "footprint",
+        "mlx peak",
+        "verdict",
+    )
     body = [
         (
             str(r.get("preset", r.nodeid)),
@@ -77,6 +93,7 @@ def summary_table(rows: Sequence[ResultRow]) -> list[str]:
             config_text(r),
             estimate_text(r),
             _gb(r.get("available_gb")),
+            _gb(measured_gb(r)),
             _gb(r.get("peak_memory_gb")),
             r.verdict or "-",
         )
@@ -97,7 +114,7 @@ def recommendation(rows: Sequence[ResultRow]) -> str:
         best = max(measured, key=lambda r: float(r.get("param_count", 0)))
         return (
             f"Largest preset that fits: {best.get('preset')} ({best.get('params')}), "
-            f"{_gb(best.get('peak_memory_gb'))} peak at {config_text(best)}"
+            f"{_gb(measured_gb(best))} peak at {config_text(best)}"
         )
     estimated = [r for r in rows if r.verdict == "Estimated" and r.get("decision") == "run"]
     if estimated:
@@ -182,13 +199,14 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     lines = [
         "### pytest-yourai: LoRA memory benchmark",
         "",
-        "| preset | params | config | estimate | available | peak | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | params | config | estimate | available | footprint | mlx peak | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r.get('preset', r.nodeid)} | {r.get('params', '?')} | {config_text(r)} | "
-            f"{estimate_text(r)} | {_gb(r.get('available_gb'))} | {_gb(r.get('peak_memory_gb'))} "
+            f"{estimate_text(r)} | {_gb(r.get('available_gb'))} | {_gb(measured_gb(r))} | "
+            f"{_gb(r.get('peak_memory_gb'))} "
             f"| {r.verdict or '-'} |"
         )
     lines += ["", recommendation(rows), ""]
@@ -206,7 +224,7 @@ def plot(rows: Sequence[ResultRow], path: Path) -> None:
     names = [str(r.get("preset")) for r in shown]
     base = [float(r.get("estimated_base_gb")) for r in shown]
     conservative = [float(r.get("estimated_conservative_gb")) for r in shown]
-    measured = [r.get("peak_memory_gb") for r in shown]
+    measured = [measured_gb(r) for r in shown]
     xs = range(len(shown))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(shown) + 2), 4.8))
     ax.bar([x - 0.2 for x in xs], base, width=0.4, color="#9ecae1", label="estimate (base)")
@@ -223,7 +241,7 @@ def plot(rows: Sequence[ResultRow], path: Path) -> None:
     labelled = False
     for x, value, row in zip(xs, measured, shown, strict=True):
         if isinstance(value, int | float):
-            label = None if labelled else "measured peak"
+            label = None if labelled else "measured footprint"
             labelled = True
             ax.bar(x + 0.2, value, width=0.4, color="#31a354", label=label)
             ax.annotate(
@@ -249,7 +267,7 @@ def plot(rows: Sequence[ResultRow], path: Path) -> None:
     if values and max(values) / min(values) > 50:  # tiny presets next to 70B, or to the RAM line
         ax.set_yscale("log")
         ax.set_ylim(bottom=min(values) / 4)  # room below the smallest bar on a log axis
-    ax.set_title("pytest-yourai: estimated vs measured LoRA training peak")
+    ax.set_title("pytest-yourai: estimated vs measured LoRA training footprint")
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles, strict=True))
     ax.legend(unique.values(), unique.keys(), fontsize=8, loc="upper left")

@@ -190,12 +190,14 @@ class YouraiSession:
             written.append(f"plot: {settings.plot_path}")
         if settings.baseline_save:
             peaks = {
-                str(r.get("preset")): {
+                baseline.run_key(
+                    str(r.get("preset")),
+                    *(r.get(name) for name in baseline.KEY_FIELDS),
+                ): {
+                    "preset": r.get("preset"),
                     "peak_memory_gb": r.get("peak_memory_gb"),
-                    "batch_size": r.get("batch_size"),
-                    "lora_rank": r.get("lora_rank"),
-                    "lora_layers": r.get("lora_layers"),
-                    "seq_len": r.get("seq_len"),
+                    "footprint_peak_gb": r.get("footprint_peak_gb"),
+                    **{name: r.get(name) for name in baseline.KEY_FIELDS},
                 }
                 for r in rows
                 if r.verdict == "Pass" and isinstance(r.get("peak_memory_gb"), int | float)

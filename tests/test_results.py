@@ -167,6 +167,11 @@ def test_baseline_save_and_compare(bench: pytest.Pytester, monkeypatch: pytest.M
     bench.runpytest(
         *args, "--yourai-baseline-compare", "--yourai-fail-on-growth", "25%"
     ).assert_outcomes(passed=2)
+    # Baselines are kept per in-flight mode (and config): one taken with MLX's defaults is
+    # never compared with a run that had one op in flight.
+    bench.runpytest(
+        *args, "--yourai-baseline-compare", "--yourai-in-flight", "bounded"
+    ).assert_outcomes(passed=2)
 
 
 def test_budget_from_the_marker_and_the_preset(bench: pytest.Pytester) -> None:
