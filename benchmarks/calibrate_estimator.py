@@ -49,15 +49,21 @@ from pytest_yourai.estimate import (
     calibration_features,
     estimate_training_memory,
     graph_bytes,
+    is_mixture_of_experts,
     lora_parameter_count,
     weight_bytes,
     window_bytes,
     window_class,
 )
+from pytest_yourai.preflight import estimate_with_census
 
 
 def load(
-    paths: list[Path], backend: str, legacy_in_flight: str = "mlx", in_flight: str | None = None
+    paths: list[Path],
+    backend: str,
+    legacy_in_flight: str = "mlx",
+    in_flight: str | None = None,
+    moe: bool = False,
 ) -> list[dict[str, Any]]:
     """Successful runs of ``backend``, one per (architecture, config): the last one wins.
 
@@ -71,7 +77,7 @@ def load(
             if (
                 result.get("status") == "ok"
                 and result.get("backend") == backend
-                and not is_mixture_of_experts(architecture(record["grid"]))
+                and is_mixture_of_experts(architecture(record["grid"])) == moe
             ):
                 result["config"].setdefault("in_flight", legacy_in_flight)
                 if in_flight is not None and result["config"]["in_flight"] != in_flight:
@@ -79,11 +85,6 @@ def load(
                 key = json.dumps([architecture(record["grid"]), result["config"]], sort_keys=True)
                 records[key] = record
     return list(records.values())
-
-
-def is_mixture_of_experts(arch: dict[str, Any]) -> bool:
-    """MoE runs are measured for the MoE terms, not fitted to the dense ones."""
-    return any(arch.get(key) for key in ("num_local_experts", "num_experts", "n_routed_experts"))
 
 
 def exact_bytes(record: dict[str, Any]) -> float:
@@ -252,7 +253,7 @@ def footprint_report(name: str, records: list[dict[str, Any]]) -> None:
     """The estimate (footprint) and MLX's peak against what the runs measured."""
     base_errors, peak_errors, under, ratios = [], [], 0, []
     for r in records:
-        est = estimate_training_memory(architecture(r["grid"]), shape_of(r))
+        est = estimate_with_census(architecture(r["grid"]), shape_of(r))
         footprint = float(r["result"]["train_footprint_gb"])
         base_errors.append((est.estimated_base_gb - footprint) / footprint * 100)
         peak_errors.append((est.mlx_peak_gb - measured(r) / GB) / (measured(r) / GB) * 100)
@@ -265,6 +266,53 @@ def footprint_report(name: str, records: list[dict[str, Any]]) -> None:
         f"MLX peak: median |e| {statistics.median(map(abs, peak_errors)):.1f}%, "
         f"max {max(map(abs, peak_errors)):.1f}%"
     )
+
+
+_CENSUS: dict[str, Any] = {}
+
+
+def census_of(record: dict[str, Any]) -> Any:
+    """The record's model census (census.py), taken once per model and quantization."""
+    from pytest_yourai.census import census_for, census_key
+
+    arch, shape = architecture(record["grid"]), shape_of(record)
+    key = census_key(arch, shape.bits, shape.group_size, shape.dtype)
+    if key not in _CENSUS:
+        _CENSUS[key] = census_for(arch, shape.bits, shape.group_size, shape.dtype)
+    return _CENSUS[key]
+
+
+def moe_report(name: str, records: list[dict[str, Any]]) -> None:
+    """MLX's peak and the footprint of mixture-of-experts runs against the estimate."""
+    for r in records:
+        est = estimate_training_memory(architecture(r["grid"]), shape_of(r), census_of(r))
+        peak = measured(r) / GB
+        footprint = float(r["result"]["train_footprint_gb"])
+        print(
+            f"  {r['name']:<20} {r['result']['config']['in_flight']:<7} MLX peak {peak:6.2f} "
+            f"est {est.mlx_peak_gb:6.2f} ({(est.mlx_peak_gb - peak) / peak * 100:+5.1f}%) "
+            f"footprint {footprint:6.2f} est {est.estimated_base_gb:6.2f} "
+            f"({(est.estimated_base_gb - footprint) / footprint * 100:+5.1f}%), conservative "
+            f"{est.estimated_conservative_gb:6.2f}"
+        )
+    print(name)
+
+
+def fit_moe(records: list[dict[str, Any]], coefficients: dict[str, float]) -> dict[str, float]:
+    """``moe_gather``: what the graph keeps beyond the other terms per token, expert and
+    hidden width in mixture-of-experts blocks (the tokens gathered to their experts and
+    scattered back), least squares on the runs' residuals."""
+    xs, ys = [], []
+    for r in records:
+        census = census_of(r)
+        arch, shape = architecture(r["grid"]), shape_of(r)
+        feats = calibration_features(arch, shape, census)
+        est = estimate_training_memory(arch, shape, census)
+        fixed = est.mlx_peak_gb * GB - coefficients.get("moe_gather", 0.0) * feats["moe_gather"]
+        xs.append(feats["moe_gather"])
+        ys.append(measured(r) - fixed)
+    x, y = np.array(xs), np.array(ys)
+    return {"moe_gather": round(max(float(x @ y / (x @ x)), 0.0), 4)}
 
 
 def write_calibration(
@@ -292,7 +340,7 @@ def report(
     try:
         errors, under = [], 0
         for r in records:
-            est = estimate_training_memory(architecture(r["grid"]), shape_of(r))
+            est = estimate_with_census(architecture(r["grid"]), shape_of(r))
             m = measured(r) / GB
             errors.append((est.mlx_peak_gb - m) / m * 100)
             under += est.mlx_peak_conservative_gb < m
@@ -317,6 +365,19 @@ def main() -> int:
         help="runs with the probe's footprint fields: fit the backend overhead",
     )
     parser.add_argument("--holdout", type=Path, nargs="*", default=[])
+    parser.add_argument(
+        "--moe",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="runs of mixture-of-experts models: fit moe_gather (one op in flight)",
+    )
+    parser.add_argument(
+        "--moe-holdout",
+        nargs="*",
+        default=[],
+        help="model types of --moe runs left out of the fit and reported as held out",
+    )
     parser.add_argument("--margin", type=float, default=1.1, help="GRAPH_MARGIN of the backend")
     parser.add_argument(
         "--write", action="store_true", help="store the fit in pytest_yourai/calibration.json"
@@ -335,6 +396,21 @@ def main() -> int:
         coefficients.update(fit_window(window_runs, coefficients))
         envelope_margin = fit_envelope_margin(window_runs, coefficients)
         print(f"envelope margin covering every window run: {envelope_margin}")
+        fitted_graph = True
+    moe_runs = [
+        r
+        for r in load(args.moe, args.backend, "bounded", moe=True)
+        if "train_footprint_gb" in r["result"]
+    ]
+    if moe_runs:
+        fit_runs = [
+            r for r in moe_runs if architecture(r["grid"])["model_type"] not in args.moe_holdout
+        ]
+        CALIBRATION[args.backend].update(coefficients)
+        coefficients.update(
+            fit_moe([r for r in fit_runs if shape_of(r).in_flight == "bounded"], coefficients)
+        )
+        print(f"moe_gather: {coefficients['moe_gather']}")
         fitted_graph = True
     print(f"graph terms ({args.backend}): {json.dumps(coefficients)}")
     shut = {f"window_{kind}_cap_gb": 0.0 for kind in WINDOW_CLASSES}
@@ -373,6 +449,16 @@ def main() -> int:
                 footprint_report(f"held out, in flight {mode}", with_footprint)
             elif runs:
                 report(f"held out, in flight {mode}", runs, args.backend, coefficients)
+        if moe_runs:
+            held_types = set(args.moe_holdout)
+            moe_report(
+                "mixture-of-experts runs, fitted",
+                [r for r in moe_runs if architecture(r["grid"])["model_type"] not in held_types],
+            )
+            moe_report(
+                f"mixture-of-experts runs, held out ({', '.join(sorted(held_types))})",
+                [r for r in moe_runs if architecture(r["grid"])["model_type"] in held_types],
+            )
     finally:
         CALIBRATION[args.backend].clear()
         CALIBRATION[args.backend].update(saved[0])

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from estimate_accuracy import architecture, grid_shape, probe_argv  # noqa: E402
 
-from pytest_yourai.estimate import estimate_training_memory  # noqa: E402
+from pytest_yourai.preflight import estimate_with_census  # noqa: E402
 
 
 def child_peak_rss_gb(argv: list[str]) -> tuple[int, float, str]:
@@ -118,7 +118,7 @@ def report(paths: list[Path]) -> int:
             entry, lora = record["grid"], record["mlx_lm_lora"]
             if lora["exit_code"] != 0:
                 continue
-            est = estimate_training_memory(architecture(entry), grid_shape(entry, "cpu"))
+            est = estimate_with_census(architecture(entry), grid_shape(entry, "cpu"))
             rss = float(lora["peak_rss_gb"])
             errors.append((est.estimated_base_gb - rss) / rss * 100)
             covered += est.estimated_conservative_gb >= rss

@@ -35,9 +35,9 @@ from pytest_yourai.estimate import (
     BACKENDS,
     IN_FLIGHT_MODES,
     TrainingShape,
-    estimate_training_memory,
     seed_estimate_gb,
 )
+from pytest_yourai.preflight import estimate_with_census
 from pytest_yourai.presets import builtin_presets, count_parameters
 from pytest_yourai.runner import ProbeProcess
 
@@ -201,7 +201,7 @@ def run(
             # A grid line may say what to reserve where the estimator does not know the
             # model yet (a mixture of experts, say).
             need = entry.get("reserve_gb") or (
-                estimate_training_memory(
+                estimate_with_census(
                     architecture(entry), grid_shape(entry, backend)
                 ).estimated_conservative_gb
             )
@@ -294,7 +294,7 @@ def report(paths: list[Path], legacy_in_flight: str = "mlx") -> int:
     for record in records:
         arch = architecture(record["grid"])
         shape = shape_of(record, legacy_in_flight)
-        estimate = estimate_training_memory(arch, shape)
+        estimate = estimate_with_census(arch, shape)
         measured = float(record["result"]["train_peak_memory_gb"])
         seed_low, seed_high = seed_estimate_gb(count_parameters(arch) / 1e9)
         error = (estimate.estimated_base_gb - measured) / measured * 100

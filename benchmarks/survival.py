@@ -200,10 +200,18 @@ def run_plugin(
 def preflight_estimate(presets_file: Path, name: str, in_flight: str) -> Any:
     """The pre-flight's own estimate for the preset (the plugin's plan(), as its pre-flight
     calls it; the config is pinned, so the available memory does not change it)."""
-    from pytest_yourai.preflight import plan
+    from pytest_yourai.autoconfig import BenchmarkConfig
+    from pytest_yourai.census import census_for
+    from pytest_yourai.preflight import needs_census, plan, training_shape
     from pytest_yourai.presets import load_presets_file
 
     preset = load_presets_file(presets_file, "survival")[name]
+    shape = training_shape(preset, BenchmarkConfig(1, 1, 1), "cuda")
+    census = (
+        census_for(preset.architecture, shape.bits, shape.group_size, shape.dtype)
+        if needs_census(preset.architecture)
+        else None
+    )
     return plan(
         preset,
         1e6,
@@ -214,6 +222,7 @@ def preflight_estimate(presets_file: Path, name: str, in_flight: str) -> Any:
         gflops=None,
         in_flight=in_flight,
         safety_gb=SAFETY_GB,
+        census=census,
     ).estimate
 
 

@@ -201,7 +201,7 @@ class YouraiBenchmark:
             shape = training_shape(
                 self.preset, config, preflight.shape.backend, preflight.shape.in_flight
             )
-            e = estimate_training_memory(self.preset.architecture, shape)
+            e = estimate_training_memory(self.preset.architecture, shape, preflight.census)
             return e.estimated_base_gb, e.estimated_conservative_gb
 
         def probe(config: BenchmarkConfig) -> tuple[bool, float | None]:

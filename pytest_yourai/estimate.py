@@ -44,7 +44,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_yourai.presets import head_dim, qkv_has_bias, tie_embeddings
+from pytest_yourai.census import Census, EstimateRefused
+from pytest_yourai.presets import EXPERT_KEYS, head_dim, qkv_has_bias, tie_embeddings
 
 GB = 1e9
 BACKENDS = ("cpu", "cuda", "metal")
@@ -92,14 +93,20 @@ GRAPH_TERMS = (
     "scores_transient",
     "hidden",
     "constant",
+    "moe_gather",
 )
+# A plain MLP (up, activation, down) keeps two tensors of its width for the backward pass
+# where a gated one (gate, up, their product) keeps three: derived, not measured.
+PLAIN_MLP_SHARE = 2.0 / 3.0
 # mlx-lm builds these with fused projections (qkv_proj, gate_up_proj): fewer ops per block,
 # so with gradient checkpointing MLX's breadth-first scheduler recomputes more blocks ahead
 # of their backward (phi-4, 2 x 2048 tokens: 16.66 GB, 13.37 GB with MLX_BFS_MAX_WIDTH=1).
 FUSED_PROJECTION_MODEL_TYPES = frozenset({"phi3"})
 
 
-def calibration_features(arch: Mapping[str, Any], shape: TrainingShape) -> dict[str, float]:
+def calibration_features(
+    arch: Mapping[str, Any], shape: TrainingShape, census: Census | None = None
+) -> dict[str, float]:
     """The fitted terms' inputs (see CALIBRATION); each is multiplied by a bytes coefficient.
 
     T = batch x seq tokens (scaled by the dtype's width: the terms are calibrated on
@@ -112,29 +119,55 @@ def calibration_features(arch: Mapping[str, Any], shape: TrainingShape) -> dict[
     attention is unfused; ``hidden`` T x hidden outside the blocks (embeddings, final norm,
     the head's input gradient, frozen blocks' transients); ``constant`` (MB). Window terms
     (``in_flight="mlx"`` only): T x N x (hidden + intermediate), split by quantized/dense
-    weights and checkpointing, and T x L x rank for quantized runs."""
+    weights and checkpointing, and T x L x rank for quantized runs.
+
+    With a census (census.py) the MLP of each live block is the width a token goes through:
+    its top-k experts' and the shared experts' for a mixture of experts, two thirds of it for
+    a plain (not gated) MLP, which keeps two tensors of that width where a gated one keeps
+    three; ``moe_gather`` is T x top-k x hidden per live mixture-of-experts block (the
+    tokens gathered to and scattered from their experts)."""
+    if census is not None:
+        arch = census.effective_arch(arch)
     hidden = int(arch["hidden_size"])
     inter = int(arch["intermediate_size"])
     vocab = int(arch["vocab_size"])
     blocks = int(arch["num_hidden_layers"])
-    heads = int(arch["num_attention_heads"])
-    kv_heads = int(arch.get("num_key_value_heads") or heads)
-    width = (heads + 2 * kv_heads) * head_dim(arch)
+    heads = int(arch.get("num_attention_heads") or 0)
+    if arch.get("_attention_width"):
+        width = int(arch["_attention_width"])
+    else:
+        kv_heads = int(arch.get("num_key_value_heads") or heads)
+        width = (heads + 2 * kv_heads) * head_dim(arch)
     adapted = min(shape.lora_layers, blocks)
     tokens = float(shape.batch_size * shape.seq_len)
     live = 1 if shape.grad_checkpoint else adapted
     unfused = shape.backend in ("cpu", "metal") or (
         arch.get("model_type") in UNFUSED_ATTENTION_MODEL_TYPES
     )
+    if unfused and not heads:
+        raise EstimateRefused(
+            f"model type {arch.get('model_type')}: its attention scores need the number of "
+            "heads, which its config does not give (num_attention_heads)"
+        )
     fused = 1.0 if arch.get("model_type") in FUSED_PROJECTION_MODEL_TYPES else 0.0
     checkpoint = 1.0 if shape.grad_checkpoint else 0.0
     # Graph terms are calibrated on bfloat16 models; activations follow the model dtype.
     t = tokens * DTYPE_BYTES[shape.dtype] / 2
+    mlp_widths = [float(inter)] * live
+    gather = 0.0
+    if census is not None:
+        kinds = census.last(adapted)[-live:]
+        mlp_widths = [
+            k.active_intermediate() * (PLAIN_MLP_SHARE if k.mlp == "plain" else 1.0) for k in kinds
+        ]
+        gather = sum(float(k.top_k or 0) * hidden for k in kinds if k.mlp == "moe")
+        inter = int(mlp_widths[-1]) if mlp_widths else inter
     ahead = t * (inter + width) * checkpoint
     return {
         "logits": t * vocab,
         "softcap": t * vocab if arch.get("final_logit_softcapping") else 0.0,
-        "mlp": t * live * inter,
+        "mlp": t * sum(mlp_widths),
+        "moe_gather": t * gather,
         "attention": t * live * width,
         "checkpoint": t * adapted * hidden * checkpoint,
         "checkpoint_ahead": ahead * (1 - fused),
@@ -147,7 +180,7 @@ def calibration_features(arch: Mapping[str, Any], shape: TrainingShape) -> dict[
 
 
 def graph_bytes(features: Mapping[str, float], coefficients: Mapping[str, float]) -> float:
-    return sum(coefficients[t] * features[t] for t in GRAPH_TERMS)
+    return sum(coefficients.get(t, 0.0) * features[t] for t in GRAPH_TERMS)
 
 
 def window_class(shape: TrainingShape) -> str:
@@ -275,8 +308,20 @@ def lora_parameter_count(arch: Mapping[str, Any], lora_rank: int, lora_layers: i
     return layers * sum(lora_rank * (i + o) for i, o in block_linears(arch))
 
 
-def estimate_training_memory(arch: Mapping[str, Any], shape: TrainingShape) -> Estimate:
-    """Predict the peak memory (decimal GB) of an mlx-lm LoRA training run."""
+# Model types whose weights and adapters the estimator's own formula gets exactly (a
+# Llama-shaped block: attention and a gated MLP), checked against mlx-lm's lazily built
+# models by benchmarks/model_coverage.py. Every other model needs its census.
+FORMULA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2"})
+
+
+def estimate_training_memory(
+    arch: Mapping[str, Any], shape: TrainingShape, census: Census | None = None
+) -> Estimate:
+    """Predict the memory (decimal GB) of an mlx-lm LoRA training run.
+
+    ``census`` (census.py) is what mlx-lm's own model class says of the model; without one,
+    only the model types in FORMULA_MODEL_TYPES are estimated. EstimateRefused names the
+    model type and what is missing when the estimator cannot estimate it."""
     if shape.backend not in BACKENDS:
         raise ValueError(f"unknown backend {shape.backend!r}; expected one of {BACKENDS}")
     if shape.dtype not in DTYPE_BYTES:
@@ -285,16 +330,37 @@ def estimate_training_memory(arch: Mapping[str, Any], shape: TrainingShape) -> E
         raise ValueError(
             f"unknown in_flight {shape.in_flight!r}; expected one of {IN_FLIGHT_MODES}"
         )
-    adapted = min(shape.lora_layers, int(arch["num_hidden_layers"]))
-    weights = weight_bytes(arch, shape.bits, shape.group_size, shape.dtype)
-    lora_params = lora_parameter_count(arch, shape.lora_rank, adapted)
+    if census is None:
+        model_type = arch.get("model_type")
+        if model_type not in FORMULA_MODEL_TYPES or is_mixture_of_experts(arch):
+            raise EstimateRefused(
+                f"model type {model_type}: its shapes are not the Llama-shaped block the "
+                "formula knows; the estimate needs the model's census (what mlx-lm builds)"
+            )
+        adapted = min(shape.lora_layers, int(arch["num_hidden_layers"]))
+        weights = weight_bytes(arch, shape.bits, shape.group_size, shape.dtype)
+        lora_params = lora_parameter_count(arch, shape.lora_rank, adapted)
+    else:
+        refusal = census.refusal()
+        if refusal is not None:
+            raise EstimateRefused(refusal)
+        if (census.bits, census.group_size, census.dtype) != (
+            shape.bits,
+            shape.group_size,
+            shape.dtype,
+        ):
+            raise ValueError("the census was taken for other bits, group size or dtype")
+        weights = float(census.weights_bytes)
+        arch = census.effective_arch(arch)
+        adapted = min(shape.lora_layers, int(arch["num_hidden_layers"]))
+        lora_params = census.lora_parameters(shape.lora_rank, adapted)
     lora = lora_params * 4.0
     gradients = lora_params * 4.0
     optimizer = lora_params * 8.0
 
-    features = calibration_features(arch, shape)
+    features = calibration_features(arch, shape, census)
     coefficients = CALIBRATION[shape.backend]
-    graph = {t: coefficients[t] * features[t] for t in GRAPH_TERMS}
+    graph = {t: coefficients.get(t, 0.0) * features[t] for t in GRAPH_TERMS}
     if shape.in_flight == "mlx":
         window = window_bytes(arch, shape, coefficients)
         envelope = window * ENVELOPE_MARGIN[window_class(shape)]
@@ -355,24 +421,37 @@ def backend_overhead_bytes(
     return process * GB + graph_share * graph + terms["cache_window" + suffix] * window
 
 
+def is_mixture_of_experts(arch: Mapping[str, Any]) -> bool:
+    return any(arch.get(key) for key in EXPERT_KEYS)
+
+
 def seed_estimate_gb(parameters_billions: float) -> tuple[float, float]:
     """The Rust seed's formula, kept for comparison: 2 + 1.8·P and 2 + 2.2·P GB."""
     return 2.0 + 1.8 * parameters_billions, 2.0 + 2.2 * parameters_billions
 
 
-def training_flops(arch: Mapping[str, Any], shape: TrainingShape) -> float:
+def training_flops(
+    arch: Mapping[str, Any], shape: TrainingShape, census: Census | None = None
+) -> float:
     """Floating-point operations of one training step.
 
     Forward through every block and the head (2 per weight per token), backward through
     the adapted span and the head (input gradients: 2 more; LoRA's own are negligible),
-    plus attention (4·S·d per token per block, forward, doubled where backward runs).
-    """
+    plus attention (4·S·d per token per block, forward, doubled where backward runs). With a
+    census the MLP is the width a token goes through (its experts', for a mixture)."""
+    if census is not None:
+        arch = census.effective_arch(arch)
     layers = int(arch["num_hidden_layers"])
     adapted = min(shape.lora_layers, layers)
     hidden = int(arch["hidden_size"])
     vocab = int(arch["vocab_size"])
     tokens = shape.batch_size * shape.seq_len
-    per_block = sum(i * o for i, o in block_linears(arch))
+    if census is not None:
+        widths = [k.active_intermediate() for k in census.per_block()]
+        mixing = float(hidden * int(arch.get("_attention_width") or hidden) + hidden * hidden)
+        per_block = mixing + 3.0 * hidden * (sum(widths) / max(1, len(widths)))
+    else:
+        per_block = float(sum(i * o for i, o in block_linears(arch)))
     head = vocab * hidden
     forward = 2.0 * tokens * (layers * per_block + head)
     backward = 2.0 * tokens * (adapted * per_block + head)
@@ -380,19 +459,6 @@ def training_flops(arch: Mapping[str, Any], shape: TrainingShape) -> float:
         backward += 2.0 * tokens * adapted * per_block
     attention = 4.0 * tokens * shape.seq_len * hidden * (layers + 2 * adapted)
     return forward + backward + attention
-
-
-# Seconds a probe spends before its steps run at full speed: Python and MLX import, the
-# build, and the compile of the trainer's step (on CUDA the first step also JIT-compiles
-# kernels, 60-90 s once per process).
-PROBE_STARTUP_S = {"cpu": 8.0, "metal": 20.0, "cuda": 120.0}
-
-
-def predict_probe_seconds(
-    arch: Mapping[str, Any], shape: TrainingShape, steps: int, gflops: float
-) -> float:
-    """Wall time of a probe from its FLOPs and a throughput measured on this machine."""
-    return PROBE_STARTUP_S[shape.backend] + steps * training_flops(arch, shape) / (gflops * 1e9)
 
 
 def format_breakdown(estimate: Estimate) -> str:
@@ -472,7 +538,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         backend=args.backend,
         in_flight=args.in_flight,
     )
-    estimate = estimate_training_memory(arch, shape)
+    try:
+        census = None
+        if arch.get("model_type") not in FORMULA_MODEL_TYPES or is_mixture_of_experts(arch):
+            from pytest_yourai.census import census_for
+
+            census = census_for(arch, shape.bits, shape.group_size, shape.dtype)
+        estimate = estimate_training_memory(arch, shape, census)
+    except EstimateRefused as exc:
+        parser.exit(3, f"{parser.prog}: cannot estimate: {exc}\n")
     if args.json:
         print(json.dumps(estimate.to_json()))
     else:

@@ -88,31 +88,17 @@ def yourai_benchmark(request: pytest.FixtureRequest, yourai_preset: Preset) -> Y
 def _properties(
     preflight: Preflight, estimate_only: bool, host: str, worker: str
 ) -> list[tuple[str, Any]]:
-    e, c, s = preflight.estimate, preflight.config, preflight.shape
+    record = preflight.record()
     values: dict[str, Any] = {
         "preset": preflight.preset.name,
         "params": preflight.preset.params,
         "param_count": preflight.preset.parameter_count,
-        "backend": s.backend,
-        "available_gb": round(preflight.available_gb, 3),
-        "estimated_base_gb": round(e.estimated_base_gb, 3),
-        "estimated_conservative_gb": round(e.estimated_conservative_gb, 3),
-        "batch_size": c.batch_size,
-        "lora_rank": c.lora_rank,
-        "lora_layers": c.lora_layers,
-        "seq_len": s.seq_len,
-        "bits": s.bits,
-        "dtype": s.dtype,
-        "in_flight": s.in_flight,
-        "grad_checkpoint": s.grad_checkpoint,
-        "decision": preflight.decision,
+        **{k: v for k, v in record.items() if k not in ("preset", "reason") and v is not None},
         "host": host,
         "worker": worker,
         "insufficient": preflight.insufficient,
         "estimate_only": estimate_only,
     }
-    if preflight.predicted_seconds is not None:
-        values["predicted_seconds"] = round(preflight.predicted_seconds, 1)
     if preflight.reason:
         values["reason"] = preflight.reason
     return [(PROP_PREFIX + k, v) for k, v in values.items()]

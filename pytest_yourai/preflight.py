@@ -5,6 +5,7 @@ Pure: it takes what the machine has as numbers and returns a Preflight.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -14,11 +15,14 @@ from pytest_yourai.autoconfig import (
     fit_config,
     get_safe_benchmark_config,
 )
+from pytest_yourai.census import Census, EstimateRefused, census_for
 from pytest_yourai.estimate import (
+    FORMULA_MODEL_TYPES,
     Estimate,
     TrainingShape,
     default_dtype,
     estimate_training_memory,
+    is_mixture_of_experts,
     training_flops,
     weight_bytes,
 )
@@ -32,6 +36,7 @@ DEFAULT_STEPS = 4
 
 RUN, SKIP_MEMORY, SKIP_TIME = "run", "skip_memory", "skip_time"
 SKIP_NO_MLX = "skip_no_mlx"  # MLX cannot be imported: nothing is judged
+SKIP_REFUSED = "skip_refused"  # the estimator cannot estimate this model (see census.py)
 BOUNDED_ENV_TEXT = "MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1"
 
 
@@ -55,10 +60,42 @@ class Preflight:
     reason: str
 
     safety_gb: float = 0.0
+    refused: bool = False  # no estimate: the model is one the estimator cannot estimate
+    census: Census | None = None
 
     @property
     def insufficient(self) -> bool:
         return not fits(self.estimate.estimated_conservative_gb, self.available_gb, self.safety_gb)
+
+    def record(self) -> dict[str, Any]:
+        """The pre-flight as the log, JSON and JUnit have it (estimates null when refused)."""
+        e, c, s = self.estimate, self.config, self.shape
+
+        def gb(value: float) -> float | None:
+            return None if self.refused else round(value, 3)
+
+        return {
+            "preset": self.preset.name,
+            "available_gb": round(self.available_gb, 3),
+            "estimated_base_gb": gb(e.estimated_base_gb),
+            "estimated_conservative_gb": gb(e.estimated_conservative_gb),
+            "mlx_peak_gb": gb(e.mlx_peak_gb),
+            "batch_size": c.batch_size,
+            "lora_rank": c.lora_rank,
+            "lora_layers": c.lora_layers,
+            "seq_len": s.seq_len,
+            "bits": s.bits,
+            "dtype": s.dtype,
+            "backend": s.backend,
+            "in_flight": s.in_flight,
+            "grad_checkpoint": s.grad_checkpoint,
+            "predicted_seconds": None
+            if self.predicted_seconds is None
+            else round(self.predicted_seconds, 1),
+            "decision": self.decision,
+            "reason": self.reason,
+            "safety_gb": self.safety_gb,
+        }
 
     def required_text(self) -> str:
         e = self.estimate
@@ -113,6 +150,7 @@ def choose_config(
     policy: str,
     in_flight: str = "mlx",
     safety_gb: float = 0.0,
+    census: Census | None = None,
 ) -> BenchmarkConfig:
     """The seed's table (by available memory), or, with the fit policy, the largest config
     whose conservative footprint fits by the go rule."""
@@ -125,9 +163,13 @@ def choose_config(
 
     def conservative(candidate: BenchmarkConfig) -> float:
         shape = training_shape(preset, apply_pins(candidate, preset.pins), backend, in_flight)
-        return estimate_training_memory(preset.architecture, shape).estimated_conservative_gb
+        estimate = estimate_training_memory(preset.architecture, shape, census)
+        return estimate.estimated_conservative_gb
 
-    fitted = fit_config(num_layers, available_gb - safety_gb, conservative)
+    try:
+        fitted = fit_config(num_layers, available_gb - safety_gb, conservative)
+    except EstimateRefused:
+        return seed
     return apply_pins(fitted, preset.pins) if fitted is not None else seed
 
 
@@ -143,29 +185,60 @@ def plan(
     in_flight: str = "mlx",
     safety_gb: float = 0.0,
     timing: TimeModel | None = None,
+    census: Census | None = None,
+    refusal: str | None = None,
 ) -> Preflight:
     """Choose the config, estimate it, and decide whether to run it.
+
+    ``census`` is what mlx-lm's model class says of the model (census.py; needed for models
+    the formula does not know); ``refusal`` says why none could be taken. A model the
+    estimator cannot estimate is skipped with the reason, or run under ``force``.
 
     Time: ``timing`` is what this machine's earlier probes took (throughput.py); without it
     the matmul throughput ``gflops`` stands in. A preset is skipped for time only when even
     the optimistic prediction exceeds the timeout, so one that would finish is never
     skipped."""
-    config = choose_config(preset, available_gb, backend, policy, in_flight, safety_gb)
+    config = choose_config(preset, available_gb, backend, policy, in_flight, safety_gb, census)
     shape = training_shape(preset, config, backend, in_flight)
     steps = int(preset.pins.get("steps", DEFAULT_STEPS))
-    estimate = estimate_training_memory(preset.architecture, shape)
+    if refusal is None:
+        try:
+            estimate = estimate_training_memory(preset.architecture, shape, census)
+        except EstimateRefused as exc:
+            refusal = str(exc)
+    if refusal is not None:
+        return Preflight(
+            preset=preset,
+            config=config,
+            shape=shape,
+            steps=steps,
+            estimate=Estimate(0.0, 0.0, {}),
+            available_gb=available_gb,
+            predicted_seconds=None,
+            decision=RUN if force else SKIP_REFUSED,
+            reason=f"{preset.name}: no estimate: {refusal}; --yourai-force runs it, and then "
+            "the probe and the memory watchdog decide",
+            safety_gb=safety_gb,
+            refused=True,
+            census=census,
+        )
+    weights = (
+        census.weights_bytes
+        if census is not None
+        else weight_bytes(preset.architecture, shape.bits, shape.group_size, shape.dtype)
+    )
     times = predict_seconds(
         timing,
         backend,
-        training_flops(preset.architecture, shape),
-        weight_bytes(preset.architecture, shape.bits, shape.group_size, shape.dtype) / 1e9,
+        training_flops(preset.architecture, shape, census),
+        weights / 1e9,
         steps,
         gflops,
     )
     predicted, optimistic = times if times is not None else (None, None)
     decision, reason = RUN, ""
     if not fits(estimate.estimated_conservative_gb, available_gb, safety_gb):
-        reason = memory_reason(preset, shape, estimate, available_gb, safety_gb)
+        reason = memory_reason(preset, shape, estimate, available_gb, safety_gb, census)
         if not force:
             decision = SKIP_MEMORY
     if decision == RUN and optimistic is not None and optimistic > timeout_s and not force:
@@ -185,7 +258,26 @@ def plan(
         decision=decision,
         reason=reason,
         safety_gb=safety_gb,
+        census=census,
     )
+
+
+def estimate_with_census(
+    arch: Mapping[str, Any], shape: TrainingShape, cache: Any = None
+) -> Estimate:
+    """The estimate, with the model's census where it needs one (census.py)."""
+    census = (
+        census_for(arch, shape.bits, shape.group_size, shape.dtype, cache)
+        if needs_census(arch)
+        else None
+    )
+    return estimate_training_memory(arch, shape, census)
+
+
+def needs_census(arch: Mapping[str, Any]) -> bool:
+    """Whether the estimate needs mlx-lm's own shapes (census.py): every model the
+    estimator's formula does not get exactly."""
+    return arch.get("model_type") not in FORMULA_MODEL_TYPES or is_mixture_of_experts(arch)
 
 
 def memory_reason(
@@ -194,6 +286,7 @@ def memory_reason(
     estimate: Estimate,
     available_gb: float,
     safety_gb: float,
+    census: Census | None = None,
 ) -> str:
     """Why a preset does not fit; with MLX's defaults, whether one op in flight would fit,
     and how to run the real fine-tune that way."""
@@ -204,7 +297,9 @@ def memory_reason(
     )
     if shape.in_flight != "mlx":
         return reason
-    bounded = estimate_training_memory(preset.architecture, replace(shape, in_flight="bounded"))
+    bounded = estimate_training_memory(
+        preset.architecture, replace(shape, in_flight="bounded"), census
+    )
     if not fits(bounded.estimated_conservative_gb, available_gb, safety_gb):
         return reason
     return (

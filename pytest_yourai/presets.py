@@ -93,6 +93,9 @@ def head_dim(arch: Mapping[str, Any]) -> int:
     return int(arch["hidden_size"]) // int(arch["num_attention_heads"])
 
 
+EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
 def count_parameters(arch: Mapping[str, Any]) -> int:
     """Parameters of a dense decoder (llama-style block), the way mlx-lm builds it.
 
@@ -111,6 +114,11 @@ def count_parameters(arch: Mapping[str, Any]) -> int:
     if qkv_has_bias(arch):
         attention += q_out + 2 * kv_out
     mlp = 3 * hidden * inter
+    experts = int(next((arch[k] for k in EXPERT_KEYS if isinstance(arch.get(k), int)), 0))
+    if experts:  # a mixture of experts: every expert's MLP (the census counts it exactly)
+        expert_inter = int(arch.get("moe_intermediate_size") or inter)
+        shared = int(arch.get("shared_expert_intermediate_size") or 0)
+        mlp = experts * 3 * hidden * expert_inter + 3 * hidden * shared + hidden * experts
     norms = 2 * hidden
     embed = vocab * hidden
     head = 0 if tie_embeddings(arch) else vocab * hidden
@@ -264,8 +272,56 @@ BUILTIN_PRESETS: tuple[Preset, ...] = (
 )
 
 
+_MIXTURES: tuple[Preset, ...] = (
+    Preset(
+        name="qwen3-30b-a3b",
+        repo="Qwen/Qwen3-30B-A3B",
+        params="30B",
+        architecture=_arch(
+            model_type="qwen3_moe",
+            hidden_size=2048,
+            num_hidden_layers=48,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            vocab_size=151936,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            max_position_embeddings=40960,
+            torch_dtype="bfloat16",
+        ),
+    ),
+    Preset(
+        name="mixtral-8x7b",
+        repo="mistralai/Mixtral-8x7B-v0.1",
+        params="47B",
+        architecture=_arch(
+            model_type="mixtral",
+            hidden_size=4096,
+            num_hidden_layers=32,
+            intermediate_size=14336,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            vocab_size=32000,
+            rope_theta=1000000.0,
+            max_position_embeddings=32768,
+            torch_dtype="bfloat16",
+        ),
+    ),
+)
+
+
 def builtin_presets() -> dict[str, Preset]:
-    return {preset.name: preset for preset in BUILTIN_PRESETS}
+    return {preset.name: preset for preset in (*BUILTIN_PRESETS, *_MIXTURES)}
 
 
 def sort_smallest_first(presets: Iterable[Preset]) -> list[Preset]:

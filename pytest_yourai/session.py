@@ -20,6 +20,8 @@ import pytest
 
 from pytest_yourai import __version__, baseline
 from pytest_yourai.admission import Admission, Ledger, NeverFits
+from pytest_yourai.autoconfig import BenchmarkConfig
+from pytest_yourai.census import Census, EstimateRefused, census_for
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.estimate import TrainingShape, training_flops, weight_bytes
 from pytest_yourai.eventlog import (
@@ -40,7 +42,14 @@ from pytest_yourai.memory import (
     mlx_status,
     read_machine_memory,
 )
-from pytest_yourai.preflight import SKIP_NO_MLX, Preflight, plan, safety_stop_reason
+from pytest_yourai.preflight import (
+    SKIP_NO_MLX,
+    Preflight,
+    needs_census,
+    plan,
+    safety_stop_reason,
+    training_shape,
+)
 from pytest_yourai.presets import Preset, builtin_presets, load_presets_file, sort_smallest_first
 from pytest_yourai.runner import ProbeProcess
 from pytest_yourai.settings import Settings
@@ -338,34 +347,13 @@ class YouraiSession:
             nodeid=item.nodeid,
         )
         timing = self.time_model(machine.backend)
-        result = self._plan(preset, machine, None, timing)
+        census, refusal = self.census(preset, machine.backend)
+        result = self._plan(preset, machine, None, timing, census, refusal)
         if result.decision == "run" and not self.settings.force and timing is None:
             gflops = self.throughput(result.shape)
             if gflops is not None:
-                result = self._plan(preset, machine, gflops, timing)
-        self.log.write_event(
-            PREFLIGHT_CHECK,
-            preset=preset.name,
-            available_gb=round(result.available_gb, 3),
-            estimated_base_gb=round(result.estimate.estimated_base_gb, 3),
-            estimated_conservative_gb=round(result.estimate.estimated_conservative_gb, 3),
-            batch_size=result.config.batch_size,
-            lora_rank=result.config.lora_rank,
-            lora_layers=result.config.lora_layers,
-            seq_len=result.shape.seq_len,
-            bits=result.shape.bits,
-            dtype=result.shape.dtype,
-            backend=result.shape.backend,
-            predicted_seconds=None
-            if result.predicted_seconds is None
-            else round(result.predicted_seconds, 1),
-            decision=result.decision,
-            reason=result.reason,
-            memory_source=machine.source,
-            in_flight=result.shape.in_flight,
-            mlx_peak_gb=round(result.estimate.mlx_peak_gb, 3),
-            safety_gb=self.settings.safety_gb,
-        )
+                result = self._plan(preset, machine, gflops, timing, census, refusal)
+        self.log.write_event(PREFLIGHT_CHECK, **result.record(), memory_source=machine.source)
         return result
 
     def _plan(
@@ -374,6 +362,8 @@ class YouraiSession:
         machine: MachineMemory,
         gflops: float | None,
         timing: TimeModel | None,
+        census: Census | None,
+        refusal: str | None,
     ) -> Preflight:
         return plan(
             preset,
@@ -386,7 +376,27 @@ class YouraiSession:
             in_flight=self.settings.in_flight,
             safety_gb=self.settings.safety_gb,
             timing=timing,
+            census=census,
+            refusal=refusal,
         )
+
+    def census(self, preset: Preset, backend: str) -> tuple[Census | None, str | None]:
+        """The model's census (census.py) where the estimate needs one, from pytest's cache
+        or a child Python; or why none could be taken."""
+        if not needs_census(preset.architecture):
+            return None, None
+        shape = training_shape(preset, BenchmarkConfig(1, 1, 1), backend)
+        try:
+            found = census_for(
+                preset.architecture,
+                shape.bits,
+                shape.group_size,
+                shape.dtype,
+                getattr(self.config, "cache", None),
+            )
+        except EstimateRefused as exc:
+            return None, str(exc)
+        return found, None
 
     def _timing_key(self, backend: str) -> str:
         return f"yourai/timing/{self.host}-{backend}"
@@ -482,8 +492,9 @@ class YouraiSession:
         """Reserve the probe's conservative estimate on this host; wait while it does not
         fit next to the probes already running; skip it if it can never fit."""
         name = preflight.preset.name
-        needed = preflight.estimate.estimated_conservative_gb
         budget = self.start_available_gb() - self.settings.safety_gb
+        # A model with no estimate (forced) runs alone.
+        needed = budget if preflight.refused else preflight.estimate.estimated_conservative_gb
         if self.settings.force:
             budget = max(budget, needed)  # forced: run it, but alone if need be
 

@@ -57,7 +57,8 @@ def test_github_step_summary(bench: pytest.Pytester, monkeypatch: pytest.MonkeyP
     bench.runpytest("-k", "tiny", "--yourai-probe-command", probe).assert_outcomes(passed=2)
     text = summary.read_text()
     assert text.startswith("earlier step\n")
-    assert "| preset | params | config | estimate | available | footprint | mlx peak | verdict |" in text
+    header = "| preset | params | config | estimate | available | footprint | mlx peak | verdict |"
+    assert header in text
     assert "| tiny-llama | 4M | batch=2, rank=8, layers=4 |" in text
 
 

@@ -1,0 +1,249 @@
+"""The census of a model: what the estimator needs to know of the model mlx-lm builds.
+
+The estimator stays pure: it takes a ``Census`` as input. The census comes from mlx-lm's own
+model class, built lazily (no memory is allocated) in a child Python
+(``python -m pytest_yourai.probe --census``; this process never imports mlx), with the
+probe's quantization. It holds the exact bytes of the weights, the LoRA parameters of each
+block at rank 1 (LoRA's size is linear in the rank), and each block's kind: how it mixes
+tokens (attention or something else), its MLP (gated, plain, or a mixture of experts with
+its experts, top-k and shared experts). Censuses are cached in pytest's cache per config, and
+the built-in presets ship theirs (``presets_census.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SHIPPED_FILE = Path(__file__).with_name("presets_census.json")
+
+
+class EstimateRefused(ValueError):
+    """The estimator cannot estimate this model: it says which type and what is missing."""
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    count: int
+    attention: bool
+    mixer: tuple[str, ...]
+    mlp: str  # "gated" | "plain" | "moe"
+    lora_rank1: int
+    attention_width: int = 0  # the q, k and v projections' output widths, summed
+    heads: int | None = None
+    intermediate: int = 0
+    experts: int = 0
+    top_k: int | None = None
+    moe_intermediate: int = 0
+    shared_intermediate: int = 0
+
+    def active_intermediate(self) -> int:
+        """The MLP width each token goes through: for a mixture of experts, its top-k
+        experts' and the shared experts'."""
+        if self.mlp == "moe":
+            return int(self.top_k or 0) * self.moe_intermediate + self.shared_intermediate
+        return self.intermediate
+
+
+@dataclass(frozen=True)
+class Census:
+    model_type: str
+    bits: int
+    group_size: int
+    dtype: str
+    weights_bytes: int
+    total_parameters: int
+    blocks: tuple[BlockKind, ...]
+    hidden_size: int | None = None  # the embeddings' width
+    vocab_size: int | None = None  # the embeddings' rows
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Census:
+        blocks = tuple(
+            BlockKind(
+                count=int(b["count"]),
+                attention=bool(b["attention"]),
+                mixer=tuple(b.get("mixer") or ()),
+                mlp=str(b["mlp"]),
+                lora_rank1=int(b["lora_rank1"]),
+                attention_width=int(b.get("attention_width") or 0),
+                heads=None if b.get("heads") is None else int(b["heads"]),
+                intermediate=int(b.get("intermediate") or 0),
+                experts=int(b.get("experts") or 0),
+                top_k=None if b.get("top_k") is None else int(b["top_k"]),
+                moe_intermediate=int(b.get("moe_intermediate") or 0),
+                shared_intermediate=int(b.get("shared_intermediate") or 0),
+            )
+            for b in data["blocks"]
+        )
+        return cls(
+            model_type=str(data["model_type"]),
+            bits=int(data["bits"]),
+            group_size=int(data["group_size"]),
+            dtype=str(data["dtype"]),
+            weights_bytes=int(data["weights_bytes"]),
+            total_parameters=int(data["total_parameters"]),
+            blocks=blocks,
+            hidden_size=data.get("hidden_size"),
+            vocab_size=data.get("vocab_size"),
+        )
+
+    def per_block(self) -> Iterator[BlockKind]:
+        for kind in self.blocks:
+            for _ in range(kind.count):
+                yield kind
+
+    def last(self, n: int) -> list[BlockKind]:
+        """The last ``n`` blocks: the ones LoRA adapts."""
+        every = list(self.per_block())
+        return every[len(every) - min(n, len(every)) :]
+
+    def lora_parameters(self, rank: int, layers: int) -> int:
+        return rank * sum(kind.lora_rank1 for kind in self.last(layers))
+
+    def effective_arch(self, arch: Mapping[str, Any]) -> dict[str, Any]:
+        """The config's fields as the estimator reads them, taken from the model itself
+        where the census knows them (configs name them differently across models)."""
+        every = list(self.per_block())
+        merged = dict(arch)
+        merged["num_hidden_layers"] = len(every)
+        if self.hidden_size:
+            merged["hidden_size"] = self.hidden_size
+        if self.vocab_size:
+            merged["vocab_size"] = self.vocab_size
+        if every:
+            merged["intermediate_size"] = every[-1].active_intermediate()
+            merged["_attention_width"] = every[-1].attention_width
+        if every and every[-1].heads:
+            merged["num_attention_heads"] = every[-1].heads
+        return merged
+
+    def refusal(self) -> str | None:
+        """Why the estimator cannot estimate this model, or None."""
+        for kind in self.blocks:
+            if not kind.attention:
+                mixer = ", ".join(kind.mixer) or "no attention"
+                return (
+                    f"model type {self.model_type}: its blocks mix tokens with {mixer}, "
+                    "which the estimator has no calibrated terms for"
+                )
+            if kind.mlp == "moe" and not kind.top_k:
+                return (
+                    f"model type {self.model_type}: a mixture of experts whose config gives "
+                    "no experts-per-token (num_experts_per_tok)"
+                )
+        return None
+
+
+def census_key(arch: Mapping[str, Any], bits: int, group_size: int, dtype: str) -> str:
+    raw = json.dumps([dict(arch), bits, group_size, dtype], sort_keys=True, default=str)
+    return hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def shipped() -> dict[str, Any]:
+    try:
+        data = json.loads(SHIPPED_FILE.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def take_census(
+    arch: Mapping[str, Any], bits: int, group_size: int, dtype: str, timeout_s: float = 300.0
+) -> Census:
+    """Ask a child Python to build the model lazily; EstimateRefused when mlx-lm cannot."""
+    spec = {
+        "config": dict(arch),
+        "bits": bits,
+        "group_size": group_size,
+        "dtype": dtype,
+        "preset": "census",
+    }
+    env = {**os.environ, "YOURAI_PROBE_SPEC": json.dumps(spec)}
+    env.pop("PYTEST_CURRENT_TEST", None)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest_yourai.probe", "--census"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout_s,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise EstimateRefused(f"the model census could not run: {exc}") from None
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK_RESULT:")]
+    try:
+        result = json.loads(lines[-1].split(":", 1)[1]) if lines else {}
+    except json.JSONDecodeError:
+        result = {}
+    if result.get("status") == "ok":
+        return Census.from_json(result["census"])
+    detail = result.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise EstimateRefused(
+        f"model type {arch.get('model_type')}: mlx-lm cannot build it from this config ({detail})"
+    )
+
+
+_TAKEN: dict[str, Census] = {}
+
+
+def census_for(
+    arch: Mapping[str, Any], bits: int, group_size: int, dtype: str, cache: Any = None
+) -> Census:
+    """The census of a model: shipped with the built-in presets, taken already in this
+    process, from pytest's ``cache``, or taken (and then cached)."""
+    key = census_key(arch, bits, group_size, dtype)
+    if key in _TAKEN:
+        return _TAKEN[key]
+    known = shipped().get(key)
+    if known is None and cache is not None:
+        known = cache.get(f"yourai/census/{key}", None)
+    if isinstance(known, dict):
+        try:
+            _TAKEN[key] = Census.from_json(known)
+            return _TAKEN[key]
+        except (KeyError, TypeError, ValueError):
+            pass  # an older or damaged entry: take it again
+    census = take_census(arch, bits, group_size, dtype)
+    _TAKEN[key] = census
+    if cache is not None:
+        cache.set(f"yourai/census/{key}", census_to_json(census))
+    return census
+
+
+def census_to_json(census: Census) -> dict[str, Any]:
+    return {
+        "model_type": census.model_type,
+        "bits": census.bits,
+        "group_size": census.group_size,
+        "dtype": census.dtype,
+        "weights_bytes": census.weights_bytes,
+        "total_parameters": census.total_parameters,
+        "hidden_size": census.hidden_size,
+        "vocab_size": census.vocab_size,
+        "blocks": [
+            {
+                "count": b.count,
+                "attention": b.attention,
+                "mixer": list(b.mixer),
+                "mlp": b.mlp,
+                "lora_rank1": b.lora_rank1,
+                "attention_width": b.attention_width,
+                "heads": b.heads,
+                "intermediate": b.intermediate,
+                "experts": b.experts,
+                "top_k": b.top_k,
+                "moe_intermediate": b.moe_intermediate,
+                "shared_intermediate": b.shared_intermediate,
+            }
+            for b in census.blocks
+        ],
+    }
