@@ -458,6 +458,15 @@ class YouraiBenchmark:
         )
         old = baseline.load(settings.baseline_dir, self.session.machine_id()).get(key)
         if not isinstance(old, dict) or not isinstance(old.get("peak_memory_gb"), int | float):
+            self._prop("baseline", "missing")
+            if settings.baseline_require:
+                self._fail(
+                    "No baseline",
+                    f"{self.preset.name}: no baseline for this config and in-flight mode on "
+                    f"this machine ({key}) in {settings.baseline_dir}; "
+                    "--yourai-baseline-save stores one",
+                    stdout,
+                )
             return
         self._prop("baseline_peak_gb", old["peak_memory_gb"])
         failure = baseline.growth_failure(

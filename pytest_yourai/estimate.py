@@ -36,7 +36,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Mapping, Sequence
@@ -470,88 +469,11 @@ def format_breakdown(estimate: Estimate) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    from pytest_yourai.errors import YouraiUsageError
-    from pytest_yourai.presets import builtin_presets, preset_from_config_json
+    """``python -m pytest_yourai.estimate``: see cli.estimate_main."""
+    from pytest_yourai.cli import estimate_main
 
-    parser = argparse.ArgumentParser(
-        prog="python -m pytest_yourai.estimate",
-        description="Estimate the peak memory of an MLX LoRA fine-tune from its architecture.",
-    )
-    model = parser.add_mutually_exclusive_group(required=True)
-    model.add_argument("--config", type=Path, help="a Hugging Face config.json")
-    model.add_argument("--preset", help="a built-in preset name")
-    parser.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8, 16), default=4)
-    parser.add_argument("--group-size", type=_positive_int, default=64)
-    parser.add_argument(
-        "--dtype",
-        choices=tuple(DTYPE_BYTES),
-        default=None,
-        help="default: the config's torch_dtype, else bfloat16",
-    )
-    parser.add_argument("--batch-size", type=_positive_int, default=1)
-    parser.add_argument("--seq-len", type=_positive_int, default=512)
-    parser.add_argument("--lora-rank", type=_positive_int, default=16)
-    parser.add_argument("--lora-layers", type=_positive_int, default=16)
-    parser.add_argument("--grad-checkpoint", action="store_true")
-    parser.add_argument("--backend", choices=BACKENDS, default="cpu")
-    parser.add_argument(
-        "--in-flight",
-        choices=IN_FLIGHT_MODES,
-        default="mlx",
-        help="mlx (default): MLX's own command-buffer limits, what mlx_lm.lora runs, with "
-        "the in-flight window in framework_overhead_gb; bounded: one op in flight "
-        "(MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1)",
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
-    args = parser.parse_args(argv)
-    try:
-        if args.preset is not None:
-            presets = builtin_presets()
-            if args.preset not in presets:
-                parser.error(f"unknown preset {args.preset!r}; known: {', '.join(presets)}")
-            arch = presets[args.preset].architecture
-        else:
-            arch = preset_from_config_json(args.config).architecture
-    except YouraiUsageError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    dtype = args.dtype or default_dtype(arch)
-    shape = TrainingShape(
-        bits=args.bits,
-        group_size=args.group_size,
-        dtype=dtype,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lora_rank=args.lora_rank,
-        lora_layers=args.lora_layers,
-        grad_checkpoint=args.grad_checkpoint,
-        backend=args.backend,
-        in_flight=args.in_flight,
-    )
-    try:
-        census = None
-        if arch.get("model_type") not in FORMULA_MODEL_TYPES or is_mixture_of_experts(arch):
-            from pytest_yourai.census import census_for
-
-            census = census_for(arch, shape.bits, shape.group_size, shape.dtype)
-        estimate = estimate_training_memory(arch, shape, census)
-    except EstimateRefused as exc:
-        parser.exit(3, f"{parser.prog}: cannot estimate: {exc}\n")
-    if args.json:
-        print(json.dumps(estimate.to_json()))
-    else:
-        print(format_breakdown(estimate))
-    return 0
+    return estimate_main(argv)
 
 
 def default_dtype(arch: Mapping[str, Any]) -> str:

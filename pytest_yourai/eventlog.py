@@ -30,6 +30,7 @@ SAFETY_KILL: Final = "safety_kill"
 PROBE_WAITING: Final = "probe_waiting"
 PROBE_ADMITTED: Final = "probe_admitted"
 PROBE_PROGRESS: Final = "probe_progress"
+TEST_VERDICT: Final = "test_verdict"
 BENCHMARK_COMPLETE: Final = "benchmark_complete"
 
 EVENTS: Final = (
@@ -46,6 +47,7 @@ EVENTS: Final = (
     SUBPROCESS_FAILED,
     SAFETY_STOP,
     SAFETY_KILL,
+    TEST_VERDICT,
     BENCHMARK_COMPLETE,
 )
 
@@ -72,26 +74,34 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     SUBPROCESS_FAILED: ("preset", "exit_code", "stderr", "stdout_preview"),
     SAFETY_STOP: ("reason", "available_gb", "threshold_gb"),
     SAFETY_KILL: ("preset", "available_gb", "threshold_gb", "probe_rss_gb"),
+    TEST_VERDICT: ("preset", "nodeid", "outcome", "verdict"),
     BENCHMARK_COMPLETE: ("total_tested", "passed", "failed", "skipped"),
 }
 
 
-def check_log_path(path: Path, source: str) -> None:
-    """Fail at start-up, not mid-run, when the log cannot be appended to.
+def prepare_output(path: Path, source: str, *, directory: bool = False) -> None:
+    """Make an output path usable before anything runs, the way --junitxml does: create its
+    parent directories (or the directory itself), and fail now, naming the option and the
+    path, when it cannot be written. Creates no file: a run that writes nothing leaves
+    nothing behind."""
+    folder = path if directory else path.parent
+    if not directory and path.is_dir():
+        raise YouraiUsageError(f"{source}: {path} is a directory")
+    if directory and path.exists() and not path.is_dir():
+        raise YouraiUsageError(f"{source}: {path} is not a directory")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise YouraiUsageError(f"{source}: cannot create {folder}: {exc.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise YouraiUsageError(f"{source}: {folder} is not writable")
+    if not directory and path.exists() and not os.access(path, os.W_OK):
+        raise YouraiUsageError(f"{source}: {path} is not writable")
 
-    Creates nothing: a session that runs no benchmark leaves no file behind.
-    """
-    if path.is_dir():
-        raise YouraiUsageError(f"{source}: log path {path} is a directory")
-    if path.exists():
-        if not os.access(path, os.W_OK):
-            raise YouraiUsageError(f"{source}: log file {path} is not writable")
-        return
-    parent = path.parent
-    if not parent.is_dir():
-        raise YouraiUsageError(f"{source}: log directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise YouraiUsageError(f"{source}: log directory {parent} is not writable")
+
+def check_log_path(path: Path, source: str) -> None:
+    """Fail at start-up, not mid-run, when the log cannot be appended to."""
+    prepare_output(path, source)
 
 
 class EventLog:

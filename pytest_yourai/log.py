@@ -18,9 +18,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_yourai.eventlog import BENCHMARK_COMPLETE, BENCHMARK_START
+from pytest_yourai.eventlog import (
+    BENCHMARK_COMPLETE,
+    BENCHMARK_START,
+    SAFETY_KILL,
+    SUBPROCESS_COMPLETED,
+    SUBPROCESS_FAILED,
+    SUBPROCESS_TIMEOUT,
+    TEST_VERDICT,
+)
 
-OUTPUT_EVENTS = ("subprocess_completed", "subprocess_timeout", "subprocess_failed", "safety_kill")
+# Events after which a preset is no longer in flight.
+OUTPUT_EVENTS = (
+    SUBPROCESS_COMPLETED,
+    SUBPROCESS_TIMEOUT,
+    SUBPROCESS_FAILED,
+    SAFETY_KILL,
+    TEST_VERDICT,
+)
 
 
 @dataclass
@@ -122,6 +137,11 @@ def describe(run: Run, index: int) -> list[str]:
             per_preset[preset] = f"failed ({event.get('status', 'error')})"
         elif kind == "safety_kill":
             per_preset[preset] = "killed by the memory watchdog"
+        elif kind == "test_verdict" and event.get("outcome") == "failed":
+            earlier = per_preset.get(preset, "")
+            per_preset[preset] = f"test failed ({event.get('verdict')})" + (
+                f"; probe: {earlier}" if earlier.startswith("pass") else ""
+            )
         elif kind == "preflight_check" and event.get("decision", "run") != "run":
             per_preset[preset] = f"skipped: {event.get('reason', '')}"
         else:

@@ -15,7 +15,7 @@ from pytest_yourai.benchmark import YouraiBenchmark
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.preflight import RUN, Preflight
 from pytest_yourai.presets import Preset
-from pytest_yourai.report import item_lines, recommendation, summary_table
+from pytest_yourai.report import baseline_lines, item_lines, recommendation, summary_table
 from pytest_yourai.session import (
     CALL_START_KEY,
     PRESET_ARG,
@@ -60,6 +60,30 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(YouraiHooks(session), PLUGIN_NAME)
     if config.pluginmanager.hasplugin("xdist") and not session.is_worker:
         config.pluginmanager.register(XdistControllerHooks(session), PLUGIN_NAME + "-xdist")
+
+
+MARKER_KEYWORDS = ("max_peak_gb",)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A typo in the yourai marker's keywords is a usage error, not silently ignored."""
+    for item in items:
+        for marker in item.iter_markers("yourai"):
+            unknown = sorted(set(marker.kwargs) - set(MARKER_KEYWORDS))
+            if marker.args or unknown:
+                what = ", ".join(unknown) if unknown else "positional arguments"
+                raise pytest.UsageError(
+                    f"{item.nodeid}: @pytest.mark.yourai: unknown {what}; "
+                    f"it takes {', '.join(MARKER_KEYWORDS)}"
+                )
+            budget = marker.kwargs.get("max_peak_gb")
+            if budget is not None and (
+                not isinstance(budget, int | float) or isinstance(budget, bool) or budget <= 0
+            ):
+                raise pytest.UsageError(
+                    f"{item.nodeid}: @pytest.mark.yourai(max_peak_gb={budget!r}): "
+                    "expected a positive number of GB"
+                )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -134,6 +158,22 @@ class YouraiHooks:
         # pytest-timeout's clock starts about here; the probe's deadline is measured from it.
         item.stash[PROTOCOL_START_KEY] = time.monotonic()
 
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, Any, None]:
+        """A test that fails after its probe passed (its own assert, a teardown) is no
+        "Pass" in JUnit either."""
+        outcome = yield
+        report: pytest.TestReport = outcome.get_result()
+        if report.failed:
+            fixed = [
+                (k, "Fail") if k == PROP_PREFIX + "verdict" and v == "Pass" else (k, v)
+                for k, v in item.user_properties
+            ]
+            item.user_properties[:] = fixed
+            report.user_properties = list(fixed)
+
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_call(self, item: pytest.Item) -> None:
         item.stash[CALL_START_KEY] = time.monotonic()
@@ -190,6 +230,8 @@ class YouraiHooks:
             terminalreporter.write_line(line)
         terminalreporter.write_line("")
         terminalreporter.write_line(recommendation(rows))
+        for line in baseline_lines(rows):
+            terminalreporter.write_line(line, yellow=True)
         if self.session.safety_stopped:
             terminalreporter.write_line(self.session.safety_stopped, red=True)
         terminalreporter.write_line(f"log: {self.session.settings.log_path}")

@@ -6,7 +6,11 @@ estimating, auto-configuring and probing a model never needs a download.
 
 from __future__ import annotations
 
+import ast
+import difflib
+import importlib.util
 import json
+import os
 import re
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -328,7 +332,69 @@ def sort_smallest_first(presets: Iterable[Preset]) -> list[Preset]:
     return sorted(presets, key=lambda p: (p.parameter_count, p.name))
 
 
+def mlx_lm_model_types() -> frozenset[str] | None:
+    """The model types the installed mlx-lm builds (its models/ modules and the names it
+    maps onto them), found without importing it; None when mlx-lm is not installed."""
+    spec = importlib.util.find_spec("mlx_lm")
+    if spec is None or spec.origin is None:
+        return None
+    package = Path(spec.origin).parent
+    types = {p.stem for p in (package / "models").glob("*.py") if not p.stem.startswith("_")}
+    try:
+        tree = ast.parse((package / "utils.py").read_text(encoding="utf-8"))
+    except (OSError, SyntaxError):
+        return frozenset(types)
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and getattr(node.targets[0], "id", "") == "MODEL_REMAPPING"
+            and isinstance(node.value, ast.Dict)
+        ):
+            types |= {
+                k.value
+                for k in node.value.keys
+                if isinstance(k, ast.Constant) and isinstance(k.value, str)
+            }
+    return frozenset(types)
+
+
+_DEFAULTS: dict[str, dict[str, Any]] = {}
+
+
+def transformers_defaults(model_type: str) -> dict[str, Any]:
+    """The defaults transformers gives a config of this model type: what a Hugging Face
+    config.json leaves out when it equals them (and mlx-lm's model classes may require)."""
+    if model_type not in _DEFAULTS:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        try:
+            from transformers import CONFIG_MAPPING  # type: ignore[import-not-found,unused-ignore]
+
+            defaults = dict(CONFIG_MAPPING[model_type]().to_dict())
+        except Exception:  # no transformers, or a model type it does not know
+            defaults = {}
+        _DEFAULTS[model_type] = {
+            k: v
+            for k, v in defaults.items()
+            if not k.startswith("_")
+            and isinstance(v, int | float | str | bool | list | dict)
+            and k not in ("architectures", "transformers_version", "auto_map", "model_type")
+        }
+    return _DEFAULTS[model_type]
+
+
+def with_defaults(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture with transformers' defaults for the fields it leaves out."""
+    return {**transformers_defaults(str(arch.get("model_type"))), **arch}
+
+
 def validate_architecture(arch: Mapping[str, Any], where: str) -> None:
+    known = mlx_lm_model_types()
+    model_type = arch.get("model_type")
+    if known is not None and model_type is not None and model_type not in known:
+        close = difflib.get_close_matches(str(model_type), sorted(known), n=3, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise YouraiUsageError(f"{where}: model type {model_type!r} is not one mlx-lm builds{hint}")
     missing = [name for name in ARCHITECTURE_REQUIRED if name not in arch]
     if missing:
         raise YouraiUsageError(f"{where}: missing architecture field(s) {', '.join(missing)}")
@@ -396,6 +462,7 @@ def preset_from_table(name: str, table: Mapping[str, Any], base_dir: Path, sourc
     if unknown:
         raise YouraiUsageError(f"{where}: unknown field(s) {', '.join(unknown)}")
     validate_architecture(architecture, where)
+    architecture = with_defaults(architecture)
     pins: dict[str, Any] = {}
     for key in (*PINNABLE_FIELDS, *PROBE_FIELDS):
         if key in table:
@@ -473,6 +540,7 @@ def load_presets_file(path: Path, source: str) -> dict[str, Preset]:
 def preset_from_config_json(path: Path, name: str | None = None) -> Preset:
     architecture = _load_config_json(path, f"--config {path}")
     validate_architecture(architecture, f"--config {path}")
+    architecture = with_defaults(architecture)
     count = count_parameters(architecture)
     return Preset(
         name=name or path.parent.name or "config",

@@ -107,6 +107,17 @@ def summary_table(rows: Sequence[ResultRow]) -> list[str]:
     return [fmt(headers), fmt(["-" * w for w in widths]), *(fmt(b) for b in body)]
 
 
+def baseline_lines(rows: Sequence[ResultRow]) -> list[str]:
+    """Presets compared with no stored baseline: said, not passed over."""
+    missing = [str(r.get("preset", r.nodeid)) for r in rows if r.get("baseline") == "missing"]
+    if not missing:
+        return []
+    return [
+        f"No baseline for {', '.join(missing)} at this config, in-flight mode and machine: "
+        "nothing was compared (--yourai-baseline-save stores one)"
+    ]
+
+
 def recommendation(rows: Sequence[ResultRow]) -> str:
     """The seed's advice: the largest preset that fits this machine."""
     measured = [r for r in rows if r.verdict == "Pass"]
@@ -186,6 +197,10 @@ def results_document(rows: Sequence[ResultRow], machine: dict[str, object]) -> d
     results = []
     for row in rows:
         entry: dict[str, object] = {"nodeid": row.nodeid, "verdict": row.verdict}
+        if row.get("baseline") == "missing":
+            entry["baseline"] = None
+        elif isinstance(row.get("baseline_peak_gb"), int | float):
+            entry["baseline"] = {"peak_memory_gb": row.get("baseline_peak_gb")}
         for name in RESULT_FIELDS:
             value = row.get(name)
             if value is not None:

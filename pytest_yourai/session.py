@@ -32,8 +32,10 @@ from pytest_yourai.eventlog import (
     PROBE_ADMITTED,
     PROBE_WAITING,
     SAFETY_STOP,
+    TEST_VERDICT,
     EventLog,
     check_log_path,
+    prepare_output,
 )
 from pytest_yourai.memory import (
     MachineMemory,
@@ -133,6 +135,16 @@ class YouraiSession:
     @classmethod
     def from_config(cls, config: pytest.Config, settings: Settings) -> YouraiSession:
         check_log_path(settings.log_path, settings.source("yourai_log"))
+        for dest, path in (
+            ("yourai_json", settings.json_path),
+            ("yourai_plot", settings.plot_path),
+        ):
+            if path is not None:
+                prepare_output(path, settings.source(dest))
+        if settings.baseline_save or settings.baseline_compare:
+            prepare_output(
+                settings.baseline_dir, settings.source("yourai_baseline_dir"), directory=True
+            )
         return cls(config, settings, load_presets(settings))
 
     # -- machine -------------------------------------------------------------------------
@@ -418,10 +430,15 @@ class YouraiSession:
         cache = getattr(self.config, "cache", None)
         if cache is None or self.settings.probe_command is not None:
             return
-        shape, arch = preflight.shape, preflight.preset.architecture
+        shape, arch, census = preflight.shape, preflight.preset.architecture, preflight.census
+        weights = (
+            census.weights_bytes
+            if census is not None
+            else weight_bytes(arch, shape.bits, shape.group_size, shape.dtype)
+        )
         seen = observe(
-            training_flops(arch, shape),
-            weight_bytes(arch, shape.bits, shape.group_size, shape.dtype) / 1e9,
+            training_flops(arch, shape, census),
+            weights / 1e9,
             elapsed_s,
             [float(s) for s in result.get("step_seconds") or []],
         )
@@ -572,21 +589,35 @@ class YouraiSession:
         elif report.when == "teardown" and report.failed:
             row.outcome = "failed"
         row.verdict = verdict_for(row, report)
+        if report.when == "teardown":
+            self.log.write_event(
+                TEST_VERDICT,
+                preset=row.get("preset"),
+                nodeid=row.nodeid,
+                outcome=row.outcome,
+                verdict=row.verdict,
+            )
         return row
 
 
+# What the probe's judge may say of a failed test; anything else that fails is "Fail".
+FAILURE_VERDICTS = frozenset(
+    {"OOM", "Timeout", "Error", "Killed", "Over budget", "Regressed", "No baseline"}
+)
+
+
 def verdict_for(row: ResultRow, report: pytest.TestReport) -> str:
+    """The verdict from the test's real outcome (setup, call and teardown): a test that fails
+    after its probe passed (its own assert, a teardown) is "Fail", never "Pass"."""
     explicit = row.get("verdict")
     if row.outcome == "skipped":
         if explicit == "Stopped":
             return "Stopped"
         return "Estimated" if row.get("estimate_only") else "Skipped"
-    if explicit:
-        return str(explicit)
+    if row.outcome == "failed":
+        return str(explicit) if explicit in FAILURE_VERDICTS else "Fail"
     if row.outcome == "passed":
         return "Pass"
-    if row.outcome == "failed":
-        return "Fail"
     return row.verdict
 
 

@@ -164,6 +164,14 @@ OPTIONS: tuple[Option, ...] = (
         False,
     ),
     Option(
+        "--yourai-baseline-require",
+        "yourai_baseline_require",
+        "with --yourai-baseline-compare: fail a preset that has no baseline for its config, "
+        "in-flight mode and machine",
+        "bool",
+        False,
+    ),
+    Option(
         "--yourai-fail-on-growth",
         "yourai_fail_on_growth",
         "allowed peak growth over the baseline, in percent, e.g. 5 (default: 5)",
@@ -207,6 +215,7 @@ class Settings:
     plot_path: Path | None
     baseline_save: bool
     baseline_compare: bool
+    baseline_require: bool
     fail_on_growth: float  # a fraction: 0.05 for 5%
     baseline_dir: Path
     search: bool
@@ -233,9 +242,9 @@ def add_options(parser: pytest.Parser) -> None:
                 metavar=option.metavar,
                 help=option.help,
             )
-        if option.ini is not None and option.kind == "bool":
-            parser.addini(option.ini, option.help, type="bool", default=None)
-        elif option.ini is not None:
+        if option.ini is not None:
+            # Read as strings and converted here, so every error names the key; a native
+            # TOML value ([tool.pytest]) of another type is taken as it is (see _raw).
             parser.addini(option.ini, option.help, type="string", default=None)
 
 
@@ -245,7 +254,11 @@ def _raw(config: pytest.Config, option: Option) -> tuple[Any, str]:
     if value is not None:
         return value, option.flag
     if option.ini is not None:
-        ini_value = config.getini(option.ini)
+        try:
+            ini_value = config.getini(option.ini)
+        except (TypeError, ValueError):
+            # pytest 9's native [tool.pytest] table keeps numbers and booleans as such.
+            ini_value = config.inicfg.get(option.ini)
         if ini_value not in (None, ""):
             return ini_value, f"ini {option.ini}"
     return option.default, "default"
@@ -282,12 +295,16 @@ def resolve(config: pytest.Config) -> Settings:
 
     invocation = Path(config.invocation_params.dir)
 
+    # Paths from an ini file are relative to that file, as pytest's own "paths" ini type.
+    ini_dir = Path(config.inipath).parent if config.inipath is not None else invocation
+
     def as_path(value: Any, source: str) -> Path:
         text = str(value).strip()
         if not text:
             raise YouraiUsageError(f"{source}: expected a path, got an empty value")
         path = Path(text).expanduser()
-        return path if path.is_absolute() else invocation / path
+        base = ini_dir if source.startswith("ini ") else invocation
+        return path if path.is_absolute() else base / path
 
     def as_choice(dest: str) -> Callable[[Any, str], str]:
         choices = by_dest[dest].choices
@@ -303,7 +320,8 @@ def resolve(config: pytest.Config) -> Settings:
         return convert
 
     def as_names(value: Any, source: str) -> tuple[str, ...]:
-        names = tuple(n.strip() for n in str(value).split(",") if n.strip())
+        text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        names = tuple(n.strip() for n in text.split(",") if n.strip())
         if not names:
             raise YouraiUsageError(f"{source}: expected preset names, got {value!r}")
         return names
@@ -354,6 +372,7 @@ def resolve(config: pytest.Config) -> Settings:
         plot_path=get("yourai_plot", as_plot),
         baseline_save=bool(get("yourai_baseline_save", _as_bool)),
         baseline_compare=bool(get("yourai_baseline_compare", _as_bool)),
+        baseline_require=bool(get("yourai_baseline_require", _as_bool)),
         fail_on_growth=get("yourai_fail_on_growth", as_percent),
         baseline_dir=baseline_dir,
         search=bool(get("yourai_search", _as_bool)),

@@ -189,10 +189,35 @@ def test_checkpointing_fused_projection_models_keeps_more_blocks_live() -> None:
     )
 
 
+def test_cli_resolves_the_config_as_the_preflight_does() -> None:
+    """The seed's table at the memory given, and the preset's pins, printed."""
+    from pytest_yourai.preflight import plan
+
+    for available, expected in ((30.0, "batch=1, rank=16, layers=8"), (80.0, "rank=32")):
+        proc = _cli("--preset", "hermes-70b", "--backend", "cuda", "--available-gb", str(available))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("config: ") and expected in proc.stdout.splitlines()[0]
+        data = json.loads(
+            _cli(
+                "--preset", "hermes-70b", "--backend", "cuda", "--available-gb", str(available),
+                "--json",
+            ).stdout
+        )  # fmt: skip
+        pre = plan(
+            PRESETS["hermes-70b"], available, "cuda", policy="seed", force=False,
+            timeout_s=300, gflops=None, safety_gb=2.0,
+        )  # fmt: skip
+        assert data["estimated_conservative_gb"] == pytest.approx(
+            pre.estimate.estimated_conservative_gb, abs=1e-3
+        )
+        assert data["config"]["lora_rank"] == pre.config.lora_rank
+
+
 def test_cli_in_flight_matches_the_function() -> None:
     proc = _cli(
-        "--preset", "hermes-mistral-7b", "--backend", "cuda", "--in-flight", "mlx", "--json"
-    )
+        "--preset", "hermes-mistral-7b", "--backend", "cuda", "--in-flight", "mlx", "--json",
+        "--batch-size", "1", "--lora-rank", "16", "--lora-layers", "16", "--available-gb", "80",
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     shape = TrainingShape(dtype="bfloat16", backend="cuda", in_flight="mlx")
     expected = estimate_training_memory(ARCH_7B, shape)

@@ -243,7 +243,10 @@ def test_existing_log_is_appended_to(bench: pytest.Pytester) -> None:
         (["--yourai-config", "best"], "'best'"),
         (["--yourai-in-flight", "sideways"], "'sideways'"),
         (["--yourai-presets", "nope"], "nope"),
-        (["--yourai-log", "missing-dir/log.jsonl"], "missing-dir"),
+        (["--yourai-log", "a-file/log.jsonl"], "a-file"),
+        (["--yourai-json", "a-file/out.json"], "--yourai-json"),
+        (["--yourai-baseline-save", "--yourai-baseline-dir", "a-file"], "a-file"),
+        (["-o", "yourai_force=maybe"], "ini yourai_force"),
         (["--yourai-presets-file", "broken.toml"], "broken.toml"),
         (["--yourai-presets-file", "unknown.toml"], "colour"),
         (["--yourai-presets-file", "noconfig.toml"], "config file not found"),
@@ -252,6 +255,7 @@ def test_existing_log_is_appended_to(bench: pytest.Pytester) -> None:
 def test_bad_input_is_a_one_line_usage_error(
     bench: pytest.Pytester, args: list[str], named: str
 ) -> None:
+    (bench.path / "a-file").write_text("not a directory\n")
     (bench.path / "broken.toml").write_text("[presets.x\n")
     (bench.path / "unknown.toml").write_text("[presets.x]\nconfig = 'c.json'\ncolour = 1\n")
     (bench.path / "c.json").write_text('{"model_type": "llama"}')
@@ -312,6 +316,40 @@ def test_mlx_that_cannot_be_imported_is_said_not_guessed(
     assert {r["decision"] for r in events(records, "preflight_check")} == {"skip_no_mlx"}
     assert all(r["available_gb"] is None for r in events(records, "preflight_check"))
     assert not events(records, "subprocess_start")
+
+
+def test_output_paths_get_their_directories(bench: pytest.Pytester) -> None:
+    """As --junitxml does: the CI recipe writes everything under reports/, which is new."""
+    probe = write_fake_probe(bench.path, OK_PROBE)
+    result = bench.runpytest(
+        "-k", "tiny-llama", "--yourai-probe-command", probe,
+        "--yourai-log", "reports/log/benchmark_log.jsonl", "--yourai-json", "reports/r.json",
+        "--junitxml", "reports/junit.xml",
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    assert (bench.path / "reports/log/benchmark_log.jsonl").exists()
+    assert (bench.path / "reports/r.json").exists()
+
+
+def test_ini_paths_resolve_from_the_ini_file_and_native_toml_values(
+    bench: pytest.Pytester,
+) -> None:
+    probe = write_fake_probe(bench.path, OK_PROBE)
+    (bench.path / "conf").mkdir()
+    (bench.path / "conf" / "pyproject.toml").write_text(
+        "[tool.pytest]\n"
+        'yourai_log = "logs/benchmark.jsonl"\n'
+        "yourai_max_memory = 8\n"
+        "yourai_force = false\n"
+        "yourai_timeout = 120\n"
+    )
+    result = bench.runpytest(
+        "-c", "conf/pyproject.toml", "--rootdir", str(bench.path), "-k", "tiny-llama",
+        "--yourai-probe-command", probe, str(bench.path / "test_lora_memory.py"),
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    assert (bench.path / "conf" / "logs" / "benchmark.jsonl").exists()
+    result.stdout.fnmatch_lines(["tiny-llama*8.0 GB*Pass"])
 
 
 def test_bad_ini_value_names_the_ini_key(bench: pytest.Pytester) -> None:
@@ -405,3 +443,45 @@ def pytest_sessionfinish(session):
     assert (bench.path / "mlx_modules.txt").read_text() == ""
     bench.runpytest_subprocess("-k", "tiny-qwen2")  # the real probe, in its own process
     assert (bench.path / "mlx_modules.txt").read_text() == ""
+
+
+@pytest.mark.parametrize(
+    ("marker", "named"),
+    [("max_peak=20", "max_peak"), ("max_peak_gb='a lot'", "max_peak_gb='a lot'")],
+)
+def test_a_bad_marker_is_a_usage_error(pytester: pytest.Pytester, marker: str, named: str) -> None:
+    pytester.makepyfile(
+        test_lora_memory=f"""
+import pytest
+
+@pytest.mark.yourai({marker})
+def test_lora_memory(yourai_benchmark):
+    yourai_benchmark.run()
+"""
+    )
+    result = pytester.runpytest_subprocess("-k", "tiny-llama")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert named in result.stderr.str() and "Traceback" not in result.stderr.str()
+    log = pytester.path / "benchmark_log.jsonl"
+    assert not log.exists() or "subprocess_" not in log.read_text()
+
+
+def test_an_inline_preset_gets_the_defaults_transformers_gives(bench: pytest.Pytester) -> None:
+    """The README's inline example has no rms_norm_eps: mlx-lm's llama needs one."""
+    bench.path.joinpath("presets.toml").write_text(
+        "[presets.small-llama]\nmodel_type = 'llama'\nhidden_size = 128\nnum_hidden_layers = 2\n"
+        "intermediate_size = 256\nnum_attention_heads = 4\nnum_key_value_heads = 2\n"
+        "vocab_size = 512\nseq_len = 32\n"
+    )
+    result = bench.runpytest("--yourai-presets-file", "presets.toml", "-k", "small-llama")
+    result.assert_outcomes(passed=1)
+
+
+def test_an_unknown_model_type_names_close_matches(bench: pytest.Pytester) -> None:
+    bench.path.joinpath("presets.toml").write_text(
+        "[presets.x]\nmodel_type = 'qwen_2'\nhidden_size = 128\nnum_hidden_layers = 2\n"
+        "intermediate_size = 256\nnum_attention_heads = 4\nvocab_size = 512\n"
+    )
+    result = bench.runpytest_subprocess("--yourai-presets-file", "presets.toml")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["*model type 'qwen_2' is not one mlx-lm builds; close matches:*"])

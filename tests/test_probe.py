@@ -102,9 +102,7 @@ LARGE_VOCABULARY = dict(
 
 
 @pytest.mark.parametrize(("bits", "dtype"), [(4, "float32"), (16, "bfloat16")])
-def test_the_build_never_needs_more_than_training(
-    tmp_path: Path, bits: int, dtype: str
-) -> None:
+def test_the_build_never_needs_more_than_training(tmp_path: Path, bits: int, dtype: str) -> None:
     # A 152k vocabulary at hidden 256: the embeddings and the head are most of the model, so
     # making them whole in float32 before casting would dominate the build.
     config = tmp_path / "config.json"

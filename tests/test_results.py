@@ -169,10 +169,15 @@ def test_baseline_save_and_compare(bench: pytest.Pytester, monkeypatch: pytest.M
         *args, "--yourai-baseline-compare", "--yourai-fail-on-growth", "25%"
     ).assert_outcomes(passed=2)
     # Baselines are kept per in-flight mode (and config): one taken with MLX's defaults is
-    # never compared with a run that had one op in flight.
-    bench.runpytest(
-        *args, "--yourai-baseline-compare", "--yourai-in-flight", "bounded"
-    ).assert_outcomes(passed=2)
+    # never compared with a run that had one op in flight; that is said, in the summary and
+    # the JSON, and --yourai-baseline-require makes it a failure.
+    other = [*args, "--yourai-baseline-compare", "--yourai-in-flight", "bounded"]
+    result = bench.runpytest(*other, "--yourai-json", "out.json")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["No baseline for tiny-*, tiny-* at this config*"])
+    entries = json.loads((bench.path / "out.json").read_text())["results"]
+    assert [e["baseline"] for e in entries] == [None, None]
+    bench.runpytest(*other, "--yourai-baseline-require").assert_outcomes(failed=2)
 
 
 def test_budget_from_the_marker_and_the_preset(bench: pytest.Pytester) -> None:
@@ -281,3 +286,41 @@ def test_search_in_the_plugin(bench: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [f"*Search: batch={expected.batch_size}, rank=*after {found['probes']} probes*"]
     )
+
+
+def test_a_failed_test_is_never_pass(bench: pytest.Pytester) -> None:
+    """The probe passes, the test's own assert fails: Fail in the table, JSON, JUnit and
+    the log CLI, and no baseline is saved for it."""
+    import xml.etree.ElementTree as ET
+
+    bench.makepyfile(
+        test_lora_memory="""
+def test_lora_memory(yourai_benchmark):
+    result = yourai_benchmark.run()
+    assert result["peak_memory_gb"] < 0.1, "over my own budget"
+"""
+    )
+    probe = write_fake_probe(bench.path, OK_PROBE)
+    result = bench.runpytest(
+        "-k", "tiny-llama", "--yourai-probe-command", probe, "--yourai-json", "out.json",
+        "--junitxml", "junit.xml", "--yourai-baseline-save",
+    )  # fmt: skip
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["tiny-llama*Fail"])
+    (entry,) = json.loads((bench.path / "out.json").read_text())["results"]
+    assert entry["verdict"] == "Fail"
+    verdicts = [
+        p.get("value")
+        for p in ET.parse(bench.path / "junit.xml").getroot().iter("property")
+        if p.get("name") == "yourai_verdict"
+    ]
+    assert verdicts and set(verdicts) == {"Fail"}
+    assert "baseline saved" not in result.stdout.str()
+    report = subprocess.run(
+        [sys.executable, "-m", "pytest_yourai.log", "benchmark_log.jsonl"],
+        cwd=bench.path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "tiny-llama: test failed (Fail)" in report.stdout
