@@ -1,9 +1,10 @@
 """Memory admission: probes on one host reserve their conservative estimate before starting.
 
 pytest-xdist schedules by CPU; memory is the scarce resource. Every worker on a host
-shares one ledger file next to the log (``<log>.ledger``, guarded by ``<log>.ledger.lock``
-through filelock). A probe starts only when its reservation plus the live reservations
-fit the budget (available memory minus the safety threshold); otherwise it waits. A
+shares one ledger file in pytest's cache directory (``yourai/admission.ledger``, guarded by
+``admission.ledger.lock`` through filelock); the run removes both when it ends. A probe
+starts only when its reservation plus the live reservations fit the budget (available
+memory minus the safety threshold); otherwise it waits. A
 reservation belongs to a process id: when that process is gone (a crashed worker), the
 reservation expires, so a dead worker never deadlocks the others.
 """
@@ -45,9 +46,14 @@ def _alive(pid: int) -> bool:
 
 
 class Ledger:
-    def __init__(self, log_path: Path) -> None:
-        self.path = log_path.with_name(log_path.name + ".ledger")
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / "admission.ledger"
         self.lock = FileLock(str(self.path) + ".lock")
+
+    def remove(self) -> None:
+        """Leave nothing behind (the controller, once every worker is done)."""
+        for path in (self.path, Path(str(self.path) + ".lock")):
+            path.unlink(missing_ok=True)
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:

@@ -5,6 +5,7 @@ Hooks only; the work is done by ``session.YouraiSession`` and the modules it use
 
 from __future__ import annotations
 
+import html
 import time
 from collections.abc import Generator
 from typing import Any
@@ -23,7 +24,7 @@ from pytest_yourai.session import (
     PROTOCOL_START_KEY,
     YouraiSession,
 )
-from pytest_yourai.settings import add_options, resolve
+from pytest_yourai.settings import add_options, disabled, resolve
 
 SESSION_KEY = pytest.StashKey[YouraiSession]()
 PREFLIGHT_KEY = pytest.StashKey[Preflight]()
@@ -53,11 +54,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.option.help:
         return
     try:
+        if disabled(config):
+            return
         session = YouraiSession.from_config(config, resolve(config))
     except YouraiUsageError as exc:
         raise pytest.UsageError(str(exc)) from None
     config.stash[SESSION_KEY] = session
     config.pluginmanager.register(YouraiHooks(session), PLUGIN_NAME)
+    if config.pluginmanager.hasplugin("html") and not session.is_worker:
+        config.pluginmanager.register(HtmlReportHooks(session), PLUGIN_NAME + "-html")
     if config.pluginmanager.hasplugin("xdist") and not session.is_worker:
         config.pluginmanager.register(XdistControllerHooks(session), PLUGIN_NAME + "-xdist")
 
@@ -86,8 +91,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 )
 
 
+DISABLED = pytest.mark.skip(reason="pytest-yourai is turned off (--yourai-disable)")
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if PRESET_ARG not in metafunc.fixturenames or SESSION_KEY not in metafunc.config.stash:
+    if PRESET_ARG not in metafunc.fixturenames:
+        return
+    if SESSION_KEY not in metafunc.config.stash:  # turned off: the benchmarks are skipped
+        metafunc.parametrize(PRESET_ARG, [pytest.param(None, marks=DISABLED, id="off")])
         return
     presets = metafunc.config.stash[SESSION_KEY].presets
     metafunc.parametrize(PRESET_ARG, presets, ids=[p.name for p in presets])
@@ -128,18 +139,50 @@ def _properties(
     return [(PROP_PREFIX + k, v) for k, v in values.items()]
 
 
+# What goes into the JUnit suite's properties per test under xunit2.
+JUNIT_SUITE_FIELDS = (
+    "verdict",
+    "preset",
+    "in_flight",
+    "estimated_base_gb",
+    "estimated_conservative_gb",
+    "available_gb",
+    "footprint_peak_gb",
+    "peak_memory_gb",
+    "batch_size",
+    "lora_rank",
+    "lora_layers",
+)
+
+
+def junit_xunit2(config: pytest.Config) -> Any:
+    """pytest's JUnit writer when --junitxml is on with junit_family xunit2, else None.
+    (It is registered as a plugin; its add_global_property is what record_testsuite_property
+    uses.)"""
+    if not config.option.xmlpath or config.getini("junit_family") != "xunit2":
+        return None
+    for plugin in config.pluginmanager.get_plugins():
+        if type(plugin).__name__ == "LogXML" and hasattr(plugin, "add_global_property"):
+            return plugin
+    return None
+
+
 class YouraiHooks:
     """Hooks that need the session; registered once per pytest process."""
 
     def __init__(self, session: YouraiSession) -> None:
         self.session = session
+        self.warned_xunit2 = False
+        self.header_shown = False
         self.benchmark_items: int | None = None
         self.finished = 0
 
-    def pytest_report_header(self, config: pytest.Config) -> list[str] | None:
-        if self.session.is_worker:
-            return None
-        return [self.session.header_line()]
+    def show_header(self) -> None:
+        """The yourai line, once benchmarks were collected (a run without any has none)."""
+        reporter = self.session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None and not self.header_shown:
+            self.header_shown = True
+            reporter.write_line(self.session.header_line())
 
     def pytest_collection_finish(self, session: pytest.Session) -> None:
         if self.session.is_worker or session.config.option.collectonly:
@@ -151,6 +194,7 @@ class YouraiHooks:
         )
         self.benchmark_items = count
         if count:
+            self.show_header()
             self.session.write_start()
 
     @pytest.hookimpl(tryfirst=True)
@@ -205,9 +249,34 @@ class YouraiHooks:
                 f"{preflight.available_gb:.3g} GB available, {preflight.config.describe()}"
             )
 
+    @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        if not self.session.is_worker:
-            self.session.record(report)
+        if self.session.is_worker:
+            return
+        row = self.session.record(report)
+        junit = junit_xunit2(self.session.config)
+        if junit is None or row is None:
+            return
+        # xunit2 (pytest's default junit_family) has no per-testcase properties: the figures
+        # go to the suite's properties, named by the test, and the testcase keeps none.
+        report.user_properties = [
+            (k, v) for k, v in report.user_properties if not str(k).startswith(PROP_PREFIX)
+        ]
+        if report.when == "teardown":
+            for name in JUNIT_SUITE_FIELDS:
+                value = row.verdict if name == "verdict" else row.get(name)
+                if value is not None:
+                    junit.add_global_property(f"yourai[{row.nodeid}].{name}", value)
+            if not self.warned_xunit2:
+                self.warned_xunit2 = True
+                self.session.config.issue_config_time_warning(
+                    pytest.PytestWarning(
+                        "yourai: junit_family=xunit2 allows no properties per testcase, so the "
+                        "figures are the suite's properties, yourai[<test id>].<field>; "
+                        "junit_family=xunit1 puts them on each testcase"
+                    ),
+                    stacklevel=2,
+                )
 
     def pytest_runtest_logfinish(self, nodeid: str) -> None:
         row = self.session.results.get(nodeid)
@@ -221,7 +290,10 @@ class YouraiHooks:
         for line in item_lines(row, self.finished, self.benchmark_items):
             reporter.write_line(line)
 
-    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+    def pytest_sessionstart(self, session: pytest.Session) -> None:
+        self.pytest_session = session
+
+    def pytest_terminal_summary(self, terminalreporter: Any, exitstatus: int) -> None:
         rows = self.session.ordered_results()
         if self.session.is_worker or not rows:
             return
@@ -229,7 +301,20 @@ class YouraiHooks:
         for line in summary_table(rows):
             terminalreporter.write_line(line)
         terminalreporter.write_line("")
-        terminalreporter.write_line(recommendation(rows))
+        session = getattr(self, "pytest_session", None)
+        stopped = session is not None and bool(session.shouldfail or session.shouldstop)
+        if (stopped or exitstatus == pytest.ExitCode.INTERRUPTED) and (
+            not self.session.safety_stopped
+        ):
+            total = self.benchmark_items or len(rows)
+            why = (session.shouldfail or session.shouldstop) if session is not None else ""
+            terminalreporter.write_line(
+                f"The run was interrupted ({why or 'Ctrl-C'}): {len(rows)} of {total} "
+                "benchmarks reported; nothing is said of the rest",
+                yellow=True,
+            )
+        else:
+            terminalreporter.write_line(recommendation(rows))
         for line in baseline_lines(rows):
             terminalreporter.write_line(line, yellow=True)
         if self.session.safety_stopped:
@@ -246,6 +331,31 @@ class YouraiHooks:
                 if row.get("verdict") == "Stopped" and not self.session.safety_stopped:
                     self.session.safety_stopped = str(row.get("reason") or "safety stop")
             self.session.write_complete()
+            self.session.ledger.remove()
+
+
+class HtmlReportHooks:
+    """pytest-html's results table, with each benchmark's estimate, footprint and verdict."""
+
+    COLUMNS = ("Needs free (GB)", "Footprint (GB)", "Verdict")
+
+    def __init__(self, session: YouraiSession) -> None:
+        self.session = session
+
+    def pytest_html_results_table_header(self, cells: list[str]) -> None:
+        cells[2:2] = [f"<th>{name}</th>" for name in self.COLUMNS]
+
+    def pytest_html_results_table_row(self, report: pytest.TestReport, cells: list[str]) -> None:
+        row = self.session.results.get(report.nodeid)
+        values = ["", "", ""]
+        if row is not None:
+            base, conservative = row.get("estimated_base_gb"), row.get("estimated_conservative_gb")
+            if base is not None:
+                values[0] = f"{base}–{conservative}"
+            footprint = row.get("footprint_peak_gb") or row.get("peak_memory_gb")
+            values[1] = "" if footprint is None else str(footprint)
+            values[2] = row.verdict
+        cells[2:2] = [f"<td>{html.escape(str(v))}</td>" for v in values]
 
 
 class XdistControllerHooks:
@@ -268,4 +378,6 @@ class XdistControllerHooks:
         if isinstance(hooks, YouraiHooks) and hooks.benchmark_items is None:
             hooks.benchmark_items = count
         if count:
+            if isinstance(hooks, YouraiHooks):
+                hooks.show_header()
             self.session.write_start()

@@ -371,8 +371,10 @@ def transformers_defaults(model_type: str) -> dict[str, Any]:
             from transformers import CONFIG_MAPPING  # type: ignore[import-not-found,unused-ignore]
 
             defaults = dict(CONFIG_MAPPING[model_type]().to_dict())
-        except Exception:  # no transformers, or a model type it does not know
+        except KeyError:  # a model type transformers does not know
             defaults = {}
+        except Exception:  # no transformers here: nothing to fill, nothing remembered
+            return {}
         _DEFAULTS[model_type] = {
             k: v
             for k, v in defaults.items()

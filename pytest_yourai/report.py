@@ -75,6 +75,15 @@ def item_lines(row: ResultRow, index: int, total: int | None) -> list[str]:
     return lines
 
 
+def preset_label(row: ResultRow, rows: Sequence[ResultRow]) -> str:
+    """The preset, and the test's name when several tests benchmark the same preset."""
+    preset = str(row.get("preset", row.nodeid))
+    if sum(1 for r in rows if r.get("preset") == row.get("preset")) > 1:
+        test = row.nodeid.rsplit("::", 1)[-1].split("[", 1)[0]
+        return f"{preset} ({test})"
+    return preset
+
+
 def summary_table(rows: Sequence[ResultRow]) -> list[str]:
     headers = (
         "preset",
@@ -88,7 +97,7 @@ def summary_table(rows: Sequence[ResultRow]) -> list[str]:
     )
     body = [
         (
-            str(r.get("preset", r.nodeid)),
+            preset_label(r, rows),
             str(r.get("params", "?")),
             config_text(r),
             estimate_text(r),
@@ -219,7 +228,7 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r.get('preset', r.nodeid)} | {r.get('params', '?')} | {config_text(r)} | "
+            f"| {preset_label(r, rows)} | {r.get('params', '?')} | {config_text(r)} | "
             f"{estimate_text(r)} | {_gb(r.get('available_gb'))} | {_gb(measured_gb(r))} | "
             f"{_gb(r.get('peak_memory_gb'))} "
             f"| {r.verdict or '-'} |"

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -123,7 +124,9 @@ class YouraiSession:
         self.safety_stopped: str | None = None
         self._gflops: dict[str, float] = {}
         self._machine: MachineMemory | None = None
-        self.ledger = Ledger(settings.log_path)
+        cache = getattr(config, "cache", None)
+        ledger_dir = cache.mkdir("yourai") if cache is not None else settings.log_path.parent
+        self.ledger = Ledger(Path(ledger_dir))
         self.host = socket.gethostname()
         # The controller's reading at start, when this worker shares its host: the budget
         # must not shrink because other workers' probes are already running.

@@ -226,8 +226,20 @@ class Settings:
         return self.sources.get(dest, dest)
 
 
+DISABLE_FLAG, ENABLE_INI = "--yourai-disable", "yourai_enable"
+
+
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("yourai", "yourai: MLX LoRA memory benchmarks")
+    group.addoption(
+        DISABLE_FLAG,
+        action="store_true",
+        default=False,
+        dest="yourai_disable",
+        help="turn the plugin off: benchmark tests are skipped, nothing is logged "
+        "(ini: yourai_enable = false)",
+    )
+    parser.addini(ENABLE_INI, "false turns pytest-yourai off", type="string", default=None)
     for option in OPTIONS:
         if option.kind == "bool":
             group.addoption(
@@ -246,6 +258,19 @@ def add_options(parser: pytest.Parser) -> None:
             # Read as strings and converted here, so every error names the key; a native
             # TOML value ([tool.pytest]) of another type is taken as it is (see _raw).
             parser.addini(option.ini, option.help, type="string", default=None)
+
+
+def disabled(config: pytest.Config) -> bool:
+    """--yourai-disable, or ini yourai_enable = false (checked before anything else)."""
+    if config.getoption("yourai_disable", False):
+        return True
+    try:
+        value = config.getini(ENABLE_INI)
+    except (TypeError, ValueError):
+        value = config.inicfg.get(ENABLE_INI)
+    if value in (None, ""):
+        return False
+    return not _as_bool(value, f"ini {ENABLE_INI}")
 
 
 def _raw(config: pytest.Config, option: Option) -> tuple[Any, str]:

@@ -61,12 +61,13 @@ def test_concurrent_writers_never_interleave(tmp_path: Path) -> None:
     assert {r["worker"] for r in records} == {"w0", "w1", "w2", "w3"}
 
 
-@pytest.mark.parametrize("case", ["directory", "no-parent", "read-only-file"])
+@pytest.mark.parametrize("case", ["directory", "parent-is-a-file", "read-only-file"])
 def test_bad_log_paths_are_usage_errors(tmp_path: Path, case: str) -> None:
     if case == "directory":
         path = tmp_path
-    elif case == "no-parent":
-        path = tmp_path / "missing" / "log.jsonl"
+    elif case == "parent-is-a-file":
+        (tmp_path / "a-file").write_text("")
+        path = tmp_path / "a-file" / "log.jsonl"
     else:
         path = tmp_path / "log.jsonl"
         path.write_text("")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -37,7 +39,9 @@ def test_options_are_in_help(pytester: pytest.Pytester) -> None:
 
 def test_tiny_presets_pass_with_every_event_and_junit(bench: pytest.Pytester) -> None:
     """The acceptance run: real MLX probes of the tiny presets on this CPU."""
-    result = bench.runpytest("-k", "tiny", "-v", "--junitxml=junit.xml")
+    result = bench.runpytest(
+        "-k", "tiny", "-v", "--junitxml=junit.xml", "-o", "junit_family=xunit1"
+    )
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(
         [
@@ -64,6 +68,7 @@ def test_tiny_presets_pass_with_every_event_and_junit(bench: pytest.Pytester) ->
             "subprocess_start",
             "subprocess_spawned",
             "subprocess_completed",
+            "test_verdict",
         ]
         (done,) = [
             r for r in records if r["event"] == "subprocess_completed" and r["preset"] == preset
@@ -245,6 +250,7 @@ def test_existing_log_is_appended_to(bench: pytest.Pytester) -> None:
         (["--yourai-presets", "nope"], "nope"),
         (["--yourai-log", "a-file/log.jsonl"], "a-file"),
         (["--yourai-json", "a-file/out.json"], "--yourai-json"),
+        (["--yourai-plot", "a-file/peaks.png"], "--yourai-plot"),
         (["--yourai-baseline-save", "--yourai-baseline-dir", "a-file"], "a-file"),
         (["-o", "yourai_force=maybe"], "ini yourai_force"),
         (["--yourai-presets-file", "broken.toml"], "broken.toml"),
@@ -272,7 +278,9 @@ def test_bad_input_is_a_one_line_usage_error(
 
 def test_in_flight_mode_is_recorded_everywhere(bench: pytest.Pytester) -> None:
     """MLX's defaults unless asked: in the pre-flight, the probe's result and JUnit."""
-    result = bench.runpytest("-k", "tiny-llama", "--junitxml=junit.xml")
+    result = bench.runpytest(
+        "-k", "tiny-llama", "--junitxml=junit.xml", "-o", "junit_family=xunit1"
+    )
     result.assert_outcomes(passed=1)
     records = read_log(bench.path / "benchmark_log.jsonl")
     (preflight,) = events(records, "preflight_check")
@@ -390,6 +398,8 @@ def test_xdist_one_start_one_complete_and_properties(bench: pytest.Pytester) -> 
         "--yourai-presets",
         "tiny-llama,tiny-qwen2,hermes-mistral-7b,hermes-70b",
         "--junitxml=junit.xml",
+        "-o",
+        "junit_family=xunit1",
     )
     result.assert_outcomes(passed=3, skipped=1)
     result.stdout.fnmatch_lines(["*hermes-70b*Skipped*"])
@@ -473,7 +483,9 @@ def test_an_inline_preset_gets_the_defaults_transformers_gives(bench: pytest.Pyt
         "intermediate_size = 256\nnum_attention_heads = 4\nnum_key_value_heads = 2\n"
         "vocab_size = 512\nseq_len = 32\n"
     )
-    result = bench.runpytest("--yourai-presets-file", "presets.toml", "-k", "small-llama")
+    result = bench.runpytest_subprocess(
+        "--yourai-presets-file", "presets.toml", "-k", "small-llama"
+    )
     result.assert_outcomes(passed=1)
 
 
@@ -485,3 +497,29 @@ def test_an_unknown_model_type_names_close_matches(bench: pytest.Pytester) -> No
     result = bench.runpytest_subprocess("--yourai-presets-file", "presets.toml")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["*model type 'qwen_2' is not one mlx-lm builds; close matches:*"])
+
+
+def test_the_yourai_command_runs_the_module_command_lines(tmp_path: Path) -> None:
+    import shutil
+
+    yourai = shutil.which("yourai")
+    assert yourai is not None, "the console script is installed with the package"
+    usage = subprocess.run([yourai], capture_output=True, text=True, check=False)
+    assert usage.returncode == 2 and "estimate, probe, log, compare" in usage.stderr
+    estimate = subprocess.run(
+        [yourai, "estimate", "--preset", "tiny-llama", "--backend", "cpu", "--available-gb", "8"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    module = subprocess.run(
+        [sys.executable, "-m", "pytest_yourai.estimate", "--preset", "tiny-llama",
+         "--backend", "cpu", "--available-gb", "8"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert estimate.returncode == 0 and estimate.stdout == module.stdout
+    assert estimate.stdout.startswith("config: batch=2, rank=8, layers=4")
+    log = subprocess.run(
+        [yourai, "log", str(tmp_path / "none.jsonl")], capture_output=True, text=True, check=False
+    )
+    assert log.returncode == 4

@@ -303,7 +303,7 @@ def test_lora_memory(yourai_benchmark):
     probe = write_fake_probe(bench.path, OK_PROBE)
     result = bench.runpytest(
         "-k", "tiny-llama", "--yourai-probe-command", probe, "--yourai-json", "out.json",
-        "--junitxml", "junit.xml", "--yourai-baseline-save",
+        "--junitxml", "junit.xml", "-o", "junit_family=xunit1", "--yourai-baseline-save",
     )  # fmt: skip
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["tiny-llama*Fail"])
@@ -324,3 +324,87 @@ def test_lora_memory(yourai_benchmark):
         check=False,
     )
     assert "tiny-llama: test failed (Fail)" in report.stdout
+
+
+# What each family's schema allows a testcase to hold (xunit2: Jenkins' junit-10.xsd, the
+# schema pytest's own tests validate with; xunit1 adds properties).
+TESTCASE_CHILDREN = {
+    "xunit2": {"skipped", "error", "failure", "system-out", "system-err"},
+    "xunit1": {"skipped", "error", "failure", "system-out", "system-err", "properties"},
+}
+
+
+@pytest.mark.parametrize("family", ["xunit2", "xunit1"])
+def test_junit_stays_schema_valid(bench: pytest.Pytester, family: str) -> None:
+    import xml.etree.ElementTree as ET
+
+    probe = write_fake_probe(bench.path, OK_PROBE)
+    result = bench.runpytest_subprocess(
+        "-k", "tiny", "--yourai-probe-command", probe, "--junitxml", "junit.xml",
+        "-o", f"junit_family={family}",
+    )  # fmt: skip
+    result.assert_outcomes(passed=2)
+    root = ET.parse(bench.path / "junit.xml").getroot()
+    cases = list(root.iter("testcase"))
+    assert len(cases) == 2
+    for case in cases:
+        assert {child.tag for child in case} <= TESTCASE_CHILDREN[family]
+    suite = {
+        p.get("name"): p.get("value")
+        for s in root.iter("testsuite")
+        for props in s.findall("properties")
+        for p in props.iter("property")
+    }
+    if family == "xunit2":
+        assert any(k.endswith("[tiny-llama]].verdict") and v == "Pass" for k, v in suite.items())
+        result.stdout.fnmatch_lines(["*junit_family=xunit2 allows no properties per testcase*"])
+    else:
+        case_props = {p.get("name") for p in cases[0].iter("property")}
+        assert "yourai_verdict" in case_props
+
+
+def test_pytest_html_rows_show_the_figures(bench: pytest.Pytester) -> None:
+    probe = write_fake_probe(bench.path, OK_PROBE)
+    result = bench.runpytest_subprocess(
+        "-k", "tiny-llama", "--yourai-probe-command", probe, "--html", "report.html",
+    )  # fmt: skip
+    result.assert_outcomes(passed=1)
+    page = (bench.path / "report.html").read_text()
+    assert "Needs free (GB)" in page and "Footprint (GB)" in page
+    assert "0.154" in page and "Pass" in page
+
+
+def test_several_tests_of_one_preset_are_named_and_an_interruption_is_said(
+    bench: pytest.Pytester,
+) -> None:
+    bench.makepyfile(
+        test_two="""
+def test_first(yourai_benchmark):
+    yourai_benchmark.run()
+    assert False, "stop here"
+
+def test_second(yourai_benchmark):
+    yourai_benchmark.run()
+"""
+    )
+    probe = write_fake_probe(bench.path, OK_PROBE)
+    result = bench.runpytest("test_two.py", "-k", "tiny-llama", "--yourai-probe-command", probe)
+    result.stdout.fnmatch_lines(["tiny-llama (test_first)*Fail", "tiny-llama (test_second)*Pass"])
+    stopped = bench.runpytest("test_two.py", "-k", "tiny", "--yourai-probe-command", probe, "-x")
+    stopped.stdout.fnmatch_lines(["The run was interrupted (stopping after 1 failures)*"])
+    assert "No preset fits" not in stopped.stdout.str()
+
+
+def test_no_header_without_benchmarks_and_a_switch_to_turn_it_off(
+    bench: pytest.Pytester,
+) -> None:
+    bench.makepyfile(test_plain="def test_plain():\n    pass\n")
+    plain = bench.runpytest("test_plain.py")
+    plain.assert_outcomes(passed=1)
+    assert "yourai:" not in plain.stdout.str()
+    assert not (bench.path / "benchmark_log.jsonl").exists()
+    for how in (["--yourai-disable"], ["-o", "yourai_enable=false"]):
+        off = bench.runpytest(*how, "-rs")
+        off.assert_outcomes(passed=1, skipped=1)
+        off.stdout.fnmatch_lines(["*pytest-yourai is turned off*"])
+        assert not (bench.path / "benchmark_log.jsonl").exists()
