@@ -211,6 +211,18 @@ def system_memory(backend: str) -> MachineMemory:
     )
 
 
+def metal_working_set_gb(ram_gb: float) -> float:
+    """What macOS lets the GPU use on a Mac with ``ram_gb`` of RAM, when MLX does not say:
+    Metal's recommended working set, 2/3 of the RAM up to 32 GB and 3/4 above. RAM sizes
+    are binary (a "16 GB" Mac has 16 GiB). Observed on macOS 13-15: 10922.67 MiB on 16 GB
+    (llama.cpp #2209), 21845.34 MiB on 32 GB (ollama #434), 49152 MiB on 64 GB (llama.cpp
+    #1870), 73728 MiB on 96 GB (llama.cpp #3213); the 36 GB boundary is not measured. macOS
+    26 reports more (about 74% on 16-24 GB, 84% on a 128 GB M5 Max), so the rule errs low;
+    a Mac's own pre-flight reads the real figure from MLX."""
+    share = 2 / 3 if ram_gb <= 32 else 3 / 4
+    return ram_gb * 1024**3 * share / GB
+
+
 def metal_memory(
     device_info: Mapping[str, object], available_bytes: float, total_bytes: float
 ) -> MachineMemory:
@@ -219,7 +231,8 @@ def metal_memory(
     is the smaller of psutil's available memory and that working set.
 
     ``device_info`` is what ``mx.device_info()`` (mlx >= 0.30) or ``mx.metal.device_info()``
-    (older) reports; either may lack keys, and then psutil alone decides."""
+    (older) reports; either may lack keys, and then macOS's usual rule stands in for the
+    working set (metal_working_set_gb)."""
     working_set = device_info.get("max_recommended_working_set_size")
     memory_size = device_info.get("memory_size")
     total = (
@@ -228,24 +241,23 @@ def metal_memory(
         else total_bytes
     )
     name = str(device_info.get("device_name") or device_info.get("architecture") or "Apple GPU")
-    available = available_bytes
-    source = "psutil available (no Metal working-set size reported)"
+    rule = "Metal recommended working set"
     if (
-        isinstance(working_set, int | float)
-        and not isinstance(working_set, bool)
-        and working_set > 0
+        not isinstance(working_set, int | float)
+        or isinstance(working_set, bool)
+        or working_set <= 0
     ):
-        if working_set < available_bytes:
-            available = float(working_set)
-            source = (
-                f"Metal recommended working set {working_set / GB:.1f} GB "
-                f"(below psutil available {available_bytes / GB:.1f} GB)"
-            )
-        else:
-            source = (
-                f"psutil available (below the Metal recommended working set "
-                f"{working_set / GB:.1f} GB)"
-            )
+        # MLX did not say (older MLX, or no device info): macOS's usual rule.
+        working_set = metal_working_set_gb(total / 1024**3) * GB
+        rule = "working set by macOS's rule"
+    available = min(float(working_set), available_bytes)
+    if working_set < available_bytes:
+        source = (
+            f"{rule} {working_set / GB:.1f} GB "
+            f"(below psutil available {available_bytes / GB:.1f} GB)"
+        )
+    else:
+        source = f"psutil available (below the {rule} {working_set / GB:.1f} GB)"
     return MachineMemory(
         backend="metal",
         total_gb=total / GB,

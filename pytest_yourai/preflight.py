@@ -274,6 +274,50 @@ def estimate_with_census(
     return estimate_training_memory(arch, shape, census)
 
 
+def find_census(
+    preset: Preset, backend: str, cache: Any = None
+) -> tuple[Census | None, str | None]:
+    """The model's census (census.py) where the estimate needs one, from the shipped file,
+    pytest's ``cache`` or a child Python; or why none could be taken."""
+    if not needs_census(preset.architecture):
+        return None, None
+    shape = training_shape(preset, BenchmarkConfig(1, 1, 1), backend)
+    try:
+        return census_for(
+            preset.architecture, shape.bits, shape.group_size, shape.dtype, cache
+        ), None
+    except EstimateRefused as exc:
+        return None, str(exc)
+
+
+def memory_decision(
+    preset: Preset,
+    available_gb: float,
+    backend: str,
+    *,
+    policy: str,
+    in_flight: str,
+    safety_gb: float,
+    cache: Any = None,
+) -> Preflight:
+    """The pre-flight's decision on memory alone (no timeout, no force): what the estimate
+    command and the fit map report, so they and the pre-flight cannot drift apart."""
+    census, refusal = find_census(preset, backend, cache)
+    return plan(
+        preset,
+        available_gb,
+        backend,
+        policy=policy,
+        force=False,
+        timeout_s=float("inf"),
+        gflops=None,
+        in_flight=in_flight,
+        safety_gb=safety_gb,
+        census=census,
+        refusal=refusal,
+    )
+
+
 def needs_census(arch: Mapping[str, Any]) -> bool:
     """Whether the estimate needs mlx-lm's own shapes (census.py): every model the
     estimator's formula does not get exactly."""

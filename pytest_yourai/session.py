@@ -21,8 +21,7 @@ import pytest
 
 from pytest_yourai import __version__, baseline
 from pytest_yourai.admission import Admission, Ledger, NeverFits
-from pytest_yourai.autoconfig import BenchmarkConfig
-from pytest_yourai.census import Census, EstimateRefused, census_for
+from pytest_yourai.census import Census
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.estimate import TrainingShape, training_flops, weight_bytes
 from pytest_yourai.eventlog import (
@@ -48,10 +47,9 @@ from pytest_yourai.memory import (
 from pytest_yourai.preflight import (
     SKIP_NO_MLX,
     Preflight,
-    needs_census,
+    find_census,
     plan,
     safety_stop_reason,
-    training_shape,
 )
 from pytest_yourai.presets import Preset, builtin_presets, load_presets_file, sort_smallest_first
 from pytest_yourai.runner import ProbeProcess
@@ -396,22 +394,9 @@ class YouraiSession:
         )
 
     def census(self, preset: Preset, backend: str) -> tuple[Census | None, str | None]:
-        """The model's census (census.py) where the estimate needs one, from pytest's cache
-        or a child Python; or why none could be taken."""
-        if not needs_census(preset.architecture):
-            return None, None
-        shape = training_shape(preset, BenchmarkConfig(1, 1, 1), backend)
-        try:
-            found = census_for(
-                preset.architecture,
-                shape.bits,
-                shape.group_size,
-                shape.dtype,
-                getattr(self.config, "cache", None),
-            )
-        except EstimateRefused as exc:
-            return None, str(exc)
-        return found, None
+        """The model's census where the estimate needs one, from pytest's cache or a child
+        Python; or why none could be taken."""
+        return find_census(preset, backend, getattr(self.config, "cache", None))
 
     def _timing_key(self, backend: str) -> str:
         return f"yourai/timing/{self.host}-{backend}"

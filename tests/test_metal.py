@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from pytest_yourai.memory import metal_memory
+from pytest_yourai.memory import metal_memory, metal_working_set_gb
 
 GB = 1e9
 # Recorded from `mx.metal.device_info()` on an Apple M1 16 GB, mlx 0.29.3 (no mx.device_info).
@@ -59,6 +59,27 @@ def test_missing_or_odd_keys_fall_back_to_psutil(info: dict[str, Any]) -> None:
     memory = metal_memory(info, 9.0 * GB, 16.0 * GB)
     assert memory.available_gb == pytest.approx(9.0)
     assert "psutil" in memory.source
+
+
+@pytest.mark.parametrize(
+    ("ram_gib", "observed_mib"),
+    # recommendedMaxWorkingSetSize as llama.cpp and ollama logged it on macOS 13-15
+    # (llama.cpp #2209, ollama #434, llama.cpp #1870, #3213).
+    [(16, 10922.67), (32, 21845.34), (64, 49152.0), (96, 73728.0)],
+)
+def test_macos_working_set_rule_matches_public_observations(
+    ram_gib: int, observed_mib: float
+) -> None:
+    assert metal_working_set_gb(ram_gib) * 1e9 / 2**20 == pytest.approx(observed_mib, abs=0.01)
+
+
+def test_without_a_reported_working_set_the_rule_caps_available() -> None:
+    """An MLX that reports nothing: a 32 GB Mac with 30 GB free still gives the GPU only
+    what macOS allows, not all 30 GB."""
+    memory = metal_memory({}, 30.0 * 2**30, 32.0 * 2**30)
+    assert memory.available_gb == pytest.approx(metal_working_set_gb(32))
+    assert memory.available_gb < 30.0 * 2**30 / GB
+    assert "rule" in memory.source
 
 
 def _fake_core(new_api: bool, info: dict[str, Any]) -> SimpleNamespace:
