@@ -1,8 +1,9 @@
 """Command lines: ``python -m pytest_yourai.estimate`` and the ``yourai`` console script.
 
-``yourai estimate|probe|log|compare`` run the same code as ``python -m pytest_yourai.estimate``,
-``python -m pytest_yourai.probe``, ``python -m pytest_yourai.log`` and
-``python -m pytest_yourai.compare``.
+``yourai estimate|probe|log|compare|fit`` run the same code as
+``python -m pytest_yourai.estimate``, ``python -m pytest_yourai.probe``,
+``python -m pytest_yourai.log``, ``python -m pytest_yourai.compare`` and
+``python -m pytest_yourai.fit``.
 
 The estimate resolves a preset's config exactly as the pre-flight does (its pins, then the
 seed's safe-config table or the fit policy, at the memory available) and prints it with the
@@ -19,11 +20,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pytest_yourai.autoconfig import CONFIG_POLICIES, BenchmarkConfig
-from pytest_yourai.census import EstimateRefused, census_for
+from pytest_yourai.autoconfig import CONFIG_POLICIES
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.estimate import BACKENDS, DTYPE_BYTES, IN_FLIGHT_MODES, format_breakdown
-from pytest_yourai.preflight import Preflight, needs_census, plan, training_shape
+from pytest_yourai.preflight import Preflight, memory_decision
 from pytest_yourai.presets import (
     Preset,
     builtin_presets,
@@ -35,7 +35,7 @@ PIN_FLAGS = ("batch_size", "lora_rank", "lora_layers", "seq_len", "bits")
 PROBE_FLAGS = ("dtype", "group_size", "grad_checkpoint")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -67,14 +67,14 @@ def estimate_parser() -> argparse.ArgumentParser:
     model.add_argument("--table", action="store_true", help="every preset, as a Markdown table")
     parser.add_argument("--presets-file", type=Path, help="a presets TOML file")
     parser.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8, 16))
-    parser.add_argument("--group-size", type=_positive_int)
+    parser.add_argument("--group-size", type=positive_int)
     parser.add_argument(
         "--dtype", choices=tuple(DTYPE_BYTES), help="default: the config's, else bfloat16"
     )
-    parser.add_argument("--batch-size", type=_positive_int)
-    parser.add_argument("--seq-len", type=_positive_int)
-    parser.add_argument("--lora-rank", type=_positive_int)
-    parser.add_argument("--lora-layers", type=_positive_int)
+    parser.add_argument("--batch-size", type=positive_int)
+    parser.add_argument("--seq-len", type=positive_int)
+    parser.add_argument("--lora-rank", type=positive_int)
+    parser.add_argument("--lora-layers", type=positive_int)
     parser.add_argument("--grad-checkpoint", action="store_true", default=None)
     parser.add_argument(
         "--backend", choices=BACKENDS, help="default: the one MLX would use on this machine"
@@ -111,25 +111,13 @@ def _pinned(preset: Preset, args: argparse.Namespace) -> Preset:
 
 def resolve(preset: Preset, args: argparse.Namespace, backend: str, available: float) -> Preflight:
     """The pre-flight's own resolution of the preset's config and estimate."""
-    shape = training_shape(preset, BenchmarkConfig(1, 1, 1), backend, args.in_flight)
-    census = refusal = None
-    if needs_census(preset.architecture):
-        try:
-            census = census_for(preset.architecture, shape.bits, shape.group_size, shape.dtype)
-        except EstimateRefused as exc:
-            refusal = str(exc)
-    return plan(
+    return memory_decision(
         preset,
         available,
         backend,
         policy=args.policy,
-        force=False,
-        timeout_s=float("inf"),
-        gflops=None,
         in_flight=args.in_flight,
         safety_gb=args.safety_gb,
-        census=census,
-        refusal=refusal,
     )
 
 
@@ -183,7 +171,7 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
         else:
             chosen = list(presets.values())
     except YouraiUsageError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+        parser.exit(4, f"{parser.prog}: error: {exc}\n")
     available = args.available_gb
     if available is None:
         available = read_machine_memory(backend).available_gb
@@ -221,11 +209,18 @@ def _compare_main(argv: list[str]) -> int:
     return compare_main(argv)
 
 
+def _fit_main(argv: list[str]) -> int:
+    from pytest_yourai.fit import main as fit_main
+
+    return fit_main(argv)
+
+
 SUBCOMMANDS = {
     "estimate": estimate_main,
     "probe": _probe_main,
     "log": _log_main,
     "compare": _compare_main,
+    "fit": _fit_main,
 }
 
 

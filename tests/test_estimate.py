@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +228,13 @@ def test_cli_in_flight_matches_the_function() -> None:
     )
     bad = _cli("--preset", "tiny-llama", "--in-flight", "eager")
     assert bad.returncode == 2 and "eager" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_cli_bad_presets_file_is_a_usage_error(tmp_path: Path) -> None:
+    """A broken presets file is bad input: one line naming it, exit code 4, as the plugin."""
+    broken = tmp_path / "presets.toml"
+    broken.write_text("[presets.x\n")
+    bad = _cli("--table", "--presets-file", str(broken))
+    assert bad.returncode == 4, bad.stderr
+    assert "presets.toml" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
