@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pytest_yourai.spawn import ask_probe
 
 SHIPPED_FILE = Path(__file__).with_name("presets_census.json")
 
@@ -166,27 +165,10 @@ def take_census(
         "dtype": dtype,
         "preset": "census",
     }
-    env = {**os.environ, "YOURAI_PROBE_SPEC": json.dumps(spec)}
-    env.pop("PYTEST_CURRENT_TEST", None)
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest_yourai.probe", "--census"],
-            capture_output=True,
-            text=True,
-            env=env,
-            timeout=timeout_s,
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise EstimateRefused(f"the model census could not run: {exc}") from None
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCHMARK_RESULT:")]
-    try:
-        result = json.loads(lines[-1].split(":", 1)[1]) if lines else {}
-    except json.JSONDecodeError:
-        result = {}
-    if result.get("status") == "ok":
+    result, problem = ask_probe(["--census"], spec, timeout_s)
+    if result is not None and result.get("status") == "ok":
         return Census.from_json(result["census"])
-    detail = result.get("error") or (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    detail = problem or "no output"
     raise EstimateRefused(
         f"model type {arch.get('model_type')}: mlx-lm cannot build it from this config ({detail})"
     )

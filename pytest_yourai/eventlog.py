@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Final
 
-from pytest_yourai.errors import YouraiUsageError
+from pytest_yourai.files import prepare_output
 
 BENCHMARK_START: Final = "benchmark_start"
 MODEL_START: Final = "model_start"
@@ -77,26 +77,6 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     TEST_VERDICT: ("preset", "nodeid", "outcome", "verdict"),
     BENCHMARK_COMPLETE: ("total_tested", "passed", "failed", "skipped"),
 }
-
-
-def prepare_output(path: Path, source: str, *, directory: bool = False) -> None:
-    """Make an output path usable before anything runs, the way --junitxml does: create its
-    parent directories (or the directory itself), and fail now, naming the option and the
-    path, when it cannot be written. Creates no file: a run that writes nothing leaves
-    nothing behind."""
-    folder = path if directory else path.parent
-    if not directory and path.is_dir():
-        raise YouraiUsageError(f"{source}: {path} is a directory")
-    if directory and path.exists() and not path.is_dir():
-        raise YouraiUsageError(f"{source}: {path} is not a directory")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise YouraiUsageError(f"{source}: cannot create {folder}: {exc.strerror}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise YouraiUsageError(f"{source}: {folder} is not writable")
-    if not directory and path.exists() and not os.access(path, os.W_OK):
-        raise YouraiUsageError(f"{source}: {path} is not writable")
 
 
 def check_log_path(path: Path, source: str) -> None:

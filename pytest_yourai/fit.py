@@ -25,18 +25,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from pytest_yourai.cli import positive_int
 from pytest_yourai.errors import YouraiUsageError
-from pytest_yourai.estimate import BACKENDS, IN_FLIGHT_MODES
+from pytest_yourai.fields import (
+    BACKENDS,
+    DEFAULT_IN_FLIGHT,
+    DEFAULT_SAFETY_GB,
+    IN_FLIGHT_MODES,
+    add_run_flags,
+    non_negative_float,
+    run_pins,
+)
 from pytest_yourai.memory import metal_working_set_gb
 from pytest_yourai.preflight import RUN, Preflight, memory_decision
-from pytest_yourai.presets import (
-    Preset,
-    builtin_presets,
-    load_presets_file,
-    preset_from_config_json,
-)
-from pytest_yourai.settings import DEFAULT_SAFETY_GB
+from pytest_yourai.presets import Preset, catalog, pick, preset_from_config_json
 
 MAC_SIZES_GB = (8, 16, 18, 24, 32, 36, 48, 64, 96, 128, 192)
 GPU_SIZES_GB = (24, 48, 80)
@@ -174,7 +175,7 @@ def plot(document: dict[str, Any], path: Path) -> None:
 def need(preset: Preset, backend: str, safety_gb: float) -> list[Preflight]:
     """What a machine needs for the preset at its config, in each in-flight mode: the
     config is the preset's pins (the command line's flags), the rest the pre-flight's
-    default (the seed's table) on a machine with room for anything."""
+    default (the safe-config table) on a machine with room for anything."""
     return [
         memory_decision(
             preset, UNLIMITED_GB, backend, policy="seed", in_flight=mode, safety_gb=safety_gb
@@ -223,10 +224,9 @@ def parser() -> argparse.ArgumentParser:
         help="machine sizes in GB (default: Macs of 8-192 GB and, off Metal, GPUs of 24, 48 "
         "and 80 GB); on Metal a size is the Mac's RAM, of which macOS gives the GPU 2/3-3/4",
     )
-    parser.add_argument("--in-flight", choices=IN_FLIGHT_MODES, default="mlx")
     parser.add_argument(
         "--safety-gb",
-        type=_non_negative_float,
+        type=non_negative_float,
         default=DEFAULT_SAFETY_GB,
         help=f"GB kept free, as --yourai-safety-gb (default: {DEFAULT_SAFETY_GB:g})",
     )
@@ -239,21 +239,8 @@ def parser() -> argparse.ArgumentParser:
         "--need", action="store_true", help="what a machine needs for one --preset's config"
     )
     parser.add_argument("--preset", help="the preset for --need")
-    for flag in ("--batch-size", "--lora-rank", "--lora-layers", "--seq-len"):
-        parser.add_argument(flag, type=positive_int, help="pin it (as a presets file would)")
-    parser.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8, 16))
-    parser.add_argument("--grad-checkpoint", action="store_true", default=None)
+    add_run_flags(parser, in_flight_default=DEFAULT_IN_FLIGHT)
     return parser
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected GB >= 0, got {text!r}")
-    return value
 
 
 def memory_sizes(text: str | None, backend: str) -> list[float]:
@@ -269,26 +256,15 @@ def memory_sizes(text: str | None, backend: str) -> list[float]:
 
 
 def chosen_presets(args: argparse.Namespace) -> list[Preset]:
-    presets = builtin_presets()
-    if args.presets_file is not None:
-        presets.update(load_presets_file(args.presets_file, "--presets-file"))
+    presets = catalog(args.presets_file, "--presets-file")
     if args.config is not None:
         found = preset_from_config_json(args.config)
         presets = {found.name: found}
-        if not (args.presets or args.preset):
-            return [found]
     names = args.presets or args.preset
     if not names:
         return list(presets.values())
-    wanted = [n.strip() for n in names.split(",") if n.strip()]
-    unknown = [n for n in wanted if n not in presets]
-    if unknown or not wanted:
-        option = "--presets" if args.presets else "--preset"
-        raise YouraiUsageError(
-            f"{option} {names!r}: unknown preset(s) {', '.join(unknown) or '(none)'}; "
-            f"known: {', '.join(presets)}"
-        )
-    return [presets[n] for n in wanted]
+    option = "--presets" if args.presets else "--preset"
+    return pick(presets, [n.strip() for n in names.split(",") if n.strip()], option)
 
 
 def check_plot_path(path: Path) -> None:
@@ -327,12 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 4
     if args.need and len(chosen) != 1:
         parser().error("--need takes one --preset (or --config)")
-    pins = {
-        name: getattr(args, name)
-        for name in ("batch_size", "lora_rank", "lora_layers", "seq_len", "bits", "grad_checkpoint")
-        if getattr(args, name) is not None
-    }
-    chosen = [replace(p, pins={**p.pins, **pins}) for p in chosen]
+    chosen = [replace(p, pins={**p.pins, **run_pins(args)}) for p in chosen]
     if args.need:
         results = need(chosen[0], backend, args.safety_gb)
         if args.json:

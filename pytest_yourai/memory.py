@@ -20,6 +20,8 @@ from typing import Any
 
 import psutil
 
+from pytest_yourai.spawn import ask_probe
+
 GB = 1e9
 CUDA_DISTRIBUTIONS = ("mlx-cuda-13", "mlx-cuda-12", "mlx-cuda")
 
@@ -37,7 +39,8 @@ class MachineMemory:
         """Apply ``--yourai-max-memory``: count at most ``cap_gb`` as available."""
         if cap_gb is None:
             return self
-        return replace(self, available_gb=min(self.available_gb, cap_gb), cap_gb=cap_gb)
+        cap = cap_gb if self.cap_gb is None else min(self.cap_gb, cap_gb)
+        return replace(self, available_gb=min(self.available_gb, cap), cap_gb=cap)
 
 
 def _distribution_installed(name: str) -> bool:
@@ -269,11 +272,7 @@ def metal_memory(
 
 def _metal_device_info() -> dict[str, object]:
     """Ask a child Python (the probe) what MLX reports: the pytest process never imports mlx."""
-    from pytest_yourai.runner import RESULT_PREFIX, parse_result_line
-
-    out = _command_output([sys.executable, "-m", "pytest_yourai.probe", "--device-info"], 60)
-    lines = [line for line in (out or "").splitlines() if line.startswith(RESULT_PREFIX)]
-    result, _ = parse_result_line(lines[-1] if lines else None)
+    result, _ = ask_probe(["--device-info"], None, 60)
     return dict(result) if result is not None else {}
 
 
@@ -303,7 +302,7 @@ def _metal_device_info_cached() -> dict[str, object]:
 class MemoryWatchdog:
     """Samples available memory while a probe runs; trips below the safety threshold.
 
-    Called every 100 ms by the runner's poll loop. On CUDA the device's free memory is
+    Called every 100 ms by the supervisor's poll loop. On CUDA the device's free memory is
     read too, once a second (nvidia-smi is slower than psutil). With a ``cap_gb``
     (``--yourai-max-memory``) the rehearsed machine has ``cap - probe RSS`` available.
     """

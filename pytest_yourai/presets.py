@@ -1,4 +1,5 @@
-"""Model presets: the seed's five models, CPU-sized tiny ones, and user presets from TOML.
+"""Model presets: the five models of the original Rust CLI, CPU-sized tiny ones, mixtures of
+experts, and user presets (TOML, or the pytest_yourai_presets hook).
 
 A preset carries the architecture fields of its Hugging Face ``config.json``, so that
 estimating, auto-configuring and probing a model never needs a download.
@@ -19,11 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from pytest_yourai.errors import YouraiUsageError
+from pytest_yourai.fields import PINNABLE_FIELDS, PROBE_FIELDS
 
-# Fields of the run that a preset may pin; anything else is chosen by the config policy.
-PINNABLE_FIELDS = ("batch_size", "lora_rank", "lora_layers", "seq_len", "bits")
-# Optional probe settings a preset may carry.
-PROBE_FIELDS = ("dtype", "group_size", "steps", "grad_checkpoint", "max_peak_gb")
 PRESET_META_FIELDS = ("repo", "params", "config", "architecture")
 ARCHITECTURE_REQUIRED = (
     "model_type",
@@ -328,6 +326,27 @@ def builtin_presets() -> dict[str, Preset]:
     return {preset.name: preset for preset in (*BUILTIN_PRESETS, *_MIXTURES)}
 
 
+def catalog(presets_file: Path | None, source: str) -> dict[str, Preset]:
+    """The built-in presets, and a presets file's on top (``source`` names where its path
+    came from, for errors)."""
+    presets = builtin_presets()
+    if presets_file is not None:
+        presets.update(load_presets_file(presets_file, source))
+    return presets
+
+
+def pick(presets: Mapping[str, Preset], names: Iterable[str], source: str) -> list[Preset]:
+    """The named presets, in the order given; an unknown name is an error naming ``source``."""
+    wanted = list(names)
+    unknown = [name for name in wanted if name not in presets]
+    if unknown or not wanted:
+        raise YouraiUsageError(
+            f"{source}: unknown preset(s) {', '.join(unknown) or '(none given)'}; "
+            f"known: {', '.join(sorted(presets))}"
+        )
+    return [presets[name] for name in wanted]
+
+
 def sort_smallest_first(presets: Iterable[Preset]) -> list[Preset]:
     return sorted(presets, key=lambda p: (p.parameter_count, p.name))
 
@@ -551,3 +570,24 @@ def preset_from_config_json(path: Path, name: str | None = None) -> Preset:
         architecture=architecture,
         source=str(path),
     )
+
+
+def presets_from_hook(items: Any, base_dir: Path, source: str) -> dict[str, Preset]:
+    """What a ``pytest_yourai_presets`` implementation returned: Preset objects, or dicts of
+    a presets file's table fields plus ``name`` (a relative ``config`` from ``base_dir``)."""
+    if items is None:
+        return {}
+    if isinstance(items, Preset | Mapping) or not isinstance(items, Iterable):
+        raise YouraiUsageError(f"{source}: expected a list of presets, got {items!r:.80}")
+    presets: dict[str, Preset] = {}
+    for item in items:
+        if isinstance(item, Preset):
+            presets[item.name] = item
+            continue
+        if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            raise YouraiUsageError(
+                f"{source}: a preset must be a Preset or a dict with a 'name', got {item!r:.80}"
+            )
+        table = {k: v for k, v in item.items() if k != "name"}
+        presets[item["name"]] = preset_from_table(item["name"], table, base_dir, source)
+    return presets

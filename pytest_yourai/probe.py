@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import platform
@@ -40,14 +41,27 @@ import mlx.core as mx  # noqa: E402 - after the reading above, before any MLX wo
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 
-from pytest_yourai.estimate import IN_FLIGHT_MODES, SLICE_BYTES  # noqa: E402
+from pytest_yourai.estimator import SLICE_BYTES  # noqa: E402
+from pytest_yourai.fields import (  # noqa: E402
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_STEPS,
+    DTYPES,
+    IN_FLIGHT_MODES,
+    add_run_flags,
+    probe_defaults,
+)
 from pytest_yourai.presets import builtin_presets  # noqa: E402
-from pytest_yourai.runner import RESULT_PREFIX  # noqa: E402
+from pytest_yourai.protocol import (  # noqa: E402
+    SPEC_ENV,
+    block_line,
+    built_line,
+    loading_line,
+    result_line,
+    step_line,
+)
 
 GB = 1e9
-SPEC_ENV = "YOURAI_PROBE_SPEC"
-DEFAULT_STEPS = 4
-DTYPES = ("float32", "bfloat16", "float16")
 EXIT_OK, EXIT_ERROR, EXIT_OOM, EXIT_USAGE = 0, 1, 3, 2
 
 _OOM_PATTERNS = re.compile(
@@ -114,23 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", help="a built-in preset name")
     model.add_argument("--config", type=Path, help="a Hugging Face config.json")
-    p.add_argument(
-        "--bits",
-        type=int,
-        choices=(2, 3, 4, 5, 6, 8, 16),
-        help="weight bits; 16 means unquantized (default 4)",
-    )
-    p.add_argument("--group-size", type=int, help="quantization group size (default 64)")
-    p.add_argument(
-        "--dtype", choices=DTYPES, help="default: the config's torch_dtype, else bfloat16"
-    )
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int, help="model inputs per row (default 512)")
+    add_run_flags(p, in_flight_default=None)
     p.add_argument("--steps", type=int, help=f"optimizer steps (default {DEFAULT_STEPS})")
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-layers", type=int)
     p.add_argument("--lora-scale", type=float, help="default 20")
-    p.add_argument("--grad-checkpoint", action="store_true", default=None)
     p.add_argument("--weights", help="auto (local HF cache, else synthetic), synthetic, or a PATH")
     p.add_argument(
         "--data", type=Path, help="a JSONL file of {'text': ...} rows (real weights only)"
@@ -139,13 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-limit-gb",
         type=float,
         help="cap MLX memory; exceeding it is reported as an OOM (rehearsal)",
-    )
-    p.add_argument(
-        "--in-flight",
-        choices=IN_FLIGHT_MODES,
-        help="mlx (default): MLX's own command-buffer limits, what mlx_lm.lora runs; bounded: "
-        "MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1, one op in flight, so the peak is "
-        "the step's own need and repeats",
     )
     p.add_argument(
         "--measure-throughput",
@@ -214,19 +207,9 @@ def resolve_spec(args: argparse.Namespace) -> dict[str, Any]:
     if "config" not in spec:
         raise ValueError(f"no model: pass --preset, --config, or {SPEC_ENV} with a 'config'")
     config = spec["config"]
-    spec.setdefault("bits", 4)
-    spec.setdefault("group_size", 64)
-    torch_dtype = config.get("torch_dtype")
-    spec.setdefault("dtype", torch_dtype if torch_dtype in DTYPES else "bfloat16")
-    spec.setdefault("batch_size", 1)
-    spec.setdefault("seq_len", 512)
-    spec.setdefault("steps", DEFAULT_STEPS)
-    spec.setdefault("lora_rank", 16)
-    spec.setdefault("lora_layers", min(16, int(config["num_hidden_layers"])))
-    spec.setdefault("lora_scale", 20.0)
-    spec.setdefault("grad_checkpoint", False)
+    for name, value in probe_defaults(config).items():
+        spec.setdefault(name, value)
     spec.setdefault("weights", "auto")
-    spec.setdefault("in_flight", "mlx")
     if spec["in_flight"] not in IN_FLIGHT_MODES:
         raise ValueError(f"in_flight must be one of {IN_FLIGHT_MODES}, got {spec['in_flight']!r}")
     for key in ("batch_size", "seq_len", "steps", "lora_rank", "lora_layers", "group_size"):
@@ -290,9 +273,23 @@ class MemoryCap:
 
 
 def _get_model_classes(config: dict[str, Any]) -> tuple[Any, Any]:
-    from mlx_lm.utils import _get_classes
+    """The Model and ModelArgs classes mlx-lm builds for the config: its module for the
+    model type, after mlx-lm's public remapping tables (as ``mlx_lm.utils.load_model``)."""
+    import mlx_lm.utils as utils
 
-    return _get_classes(config)  # type: ignore[no-any-return]
+    model_type = config["model_type"]
+    architectures = config.get("architectures") or ()
+    if isinstance(architectures, str):
+        architectures = (architectures,)
+    by_architecture = getattr(utils, "MODEL_ARCHITECTURE_REMAPPING", {})
+    remapped = [by_architecture.get((model_type, a)) for a in architectures]
+    found = next((m for m in remapped if m is not None), None)
+    model_type = found or getattr(utils, "MODEL_REMAPPING", {}).get(model_type, model_type)
+    try:
+        module = importlib.import_module(f"mlx_lm.models.{model_type}")
+    except ImportError as exc:
+        raise ValueError(f"Model type {model_type} not supported.") from exc
+    return module.Model, module.ModelArgs
 
 
 def quantize_predicate(model: nn.Module, group_size: int) -> Any:
@@ -416,7 +413,7 @@ def build_model(
     if path is not None:
         from mlx_lm.utils import load_model
 
-        say(f"loading weights from {path}")
+        say(loading_line(path))
         model, config = load_model(path, lazy=True)
         if bits < 16 and "quantization" not in config:
             nn.quantize(
@@ -451,7 +448,7 @@ def build_model(
         _materialize(block)
         cap.check(mx.get_peak_memory())
         if index == 1 or index == total or index % max(1, total // 10) == 0:
-            say(f"building block {index}/{total}")
+            say(block_line(index, total))
     _materialize(model)
     cap.check(mx.get_peak_memory())
     # The build's freed slices sit in MLX's buffer cache; a model loaded from disk leaves
@@ -722,85 +719,28 @@ def text_batches(spec: dict[str, Any], model_path: Path) -> Any:
 
 
 def run_probe(spec: dict[str, Any], phase: Phase) -> dict[str, Any]:
-    from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.tuner.trainer import TrainingArgs, train
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-
+    """Build the model, add LoRA, train ``steps`` steps with mlx-lm's trainer; the
+    measurements (MLX's peaks per phase, the steps' times, the footprint)."""
     cap = MemoryCap(spec.get("memory_limit_gb"))
-    config = spec["config"]
     steps = int(spec["steps"])
     say(
         f"probe: {spec.get('preset', '?')} backend={backend_name()} dtype={spec['dtype']} "
         f"bits={spec['bits']} batch={spec['batch_size']} seq={spec['seq_len']} "
         f"rank={spec['lora_rank']} layers={spec['lora_layers']} steps={steps}"
     )
-
     phase.enter("build")
     build_started = time.perf_counter()
     model, weights_source = build_model(spec, cap)
     total_parameters = count_parameters(model)
-    say(
-        f"built model: {total_parameters / 1e9:.3f}B parameters "
-        f"in {time.perf_counter() - build_started:.1f} s"
-    )
-
+    say(built_line(total_parameters, time.perf_counter() - build_started))
     phase.enter("lora")
-    model.freeze()
-    num_layers = min(int(spec["lora_layers"]), len(model.layers))
-    linear_to_lora_layers(
-        model,
-        num_layers,
-        {"rank": int(spec["lora_rank"]), "scale": float(spec["lora_scale"]), "dropout": 0.0},
-    )
-    mx.eval(model.parameters())
-    trainable = trainable_parameter_count(model)
-    resident = mx.get_active_memory()
-    load_peak = mx.get_peak_memory()
+    trainable = add_lora(model, spec)
+    resident, load_peak = mx.get_active_memory(), mx.get_peak_memory()
     cap.check(load_peak)
     say(f"resident {gb(resident):.3f} GB, load peak {gb(load_peak):.3f} GB, trainable {trainable}")
-
     phase.enter("train")
     mx.reset_peak_memory()
-    step_seconds: list[float] = []
-    step_peaks: list[int] = []
-
-    class Progress(TrainingCallback):  # type: ignore[misc]
-        def on_train_loss_report(self, info: dict[str, Any]) -> None:
-            peak = mx.get_peak_memory()
-            step_peaks.append(peak)
-            step_seconds.append(1.0 / float(info["iterations_per_second"]))
-            say(
-                f"step {info['iteration']}/{steps} loss={info['train_loss']:.4f} "
-                f"peak={gb(peak):.3f} GB time={step_seconds[-1]:.2f} s"
-            )
-            cap.check(peak)
-
-    if spec.get("data") and weights_source != "synthetic":
-        batches = text_batches(spec, Path(weights_source))
-    else:
-        batches = random_batches(spec, int(config["vocab_size"]))
-    with tempfile.TemporaryDirectory(prefix="yourai-probe-") as scratch:
-        args = TrainingArgs(
-            batch_size=int(spec["batch_size"]),
-            iters=steps,
-            steps_per_report=1,
-            steps_per_eval=steps + 1,
-            steps_per_save=steps + 1,
-            max_seq_length=int(spec["seq_len"]) + 1,
-            adapter_file=str(Path(scratch) / "adapters.safetensors"),
-            grad_checkpoint=bool(spec["grad_checkpoint"]),
-        )
-        # mlx-lm's trainer draws its progress UI on stdout; keep stdout for our protocol.
-        with contextlib.redirect_stdout(sys.stderr):
-            train(
-                model,
-                optim.Adam(learning_rate=1e-5),
-                [0] * int(spec["batch_size"]),
-                None,
-                args=args,
-                iterate_batches=batches,
-                training_callback=Progress(),
-            )
+    step_seconds, step_peaks = train_steps(model, spec, cap, weights_source)
     train_peak = mx.get_peak_memory()
     phase.enter("done")
     tokens_per_step = int(spec["batch_size"]) * int(spec["seq_len"])
@@ -825,6 +765,64 @@ def run_probe(spec: dict[str, Any], phase: Phase) -> dict[str, Any]:
         "phase_started_at": phase.started_at,
         **phase.footprint(),
     }
+
+
+def add_lora(model: nn.Module, spec: dict[str, Any]) -> int:
+    """mlx-lm's LoRA on the last ``lora_layers`` blocks; the trainable parameter count."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    model.freeze()
+    num_layers = min(int(spec["lora_layers"]), len(model.layers))
+    linear_to_lora_layers(
+        model,
+        num_layers,
+        {"rank": int(spec["lora_rank"]), "scale": float(spec["lora_scale"]), "dropout": 0.0},
+    )
+    mx.eval(model.parameters())
+    return trainable_parameter_count(model)
+
+
+def train_steps(
+    model: nn.Module, spec: dict[str, Any], cap: MemoryCap, weights_source: str
+) -> tuple[list[float], list[int]]:
+    """mlx-lm's own trainer for ``steps`` steps; each step's seconds and MLX peak."""
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.tuner.trainer import TrainingArgs, train
+
+    steps, batch = int(spec["steps"]), int(spec["batch_size"])
+    step_seconds: list[float] = []
+    step_peaks: list[int] = []
+
+    class Progress(TrainingCallback):  # type: ignore[misc]
+        def on_train_loss_report(self, info: dict[str, Any]) -> None:
+            peak = mx.get_peak_memory()
+            step_peaks.append(peak)
+            step_seconds.append(1.0 / float(info["iterations_per_second"]))
+            say(step_line(info["iteration"], steps, info["train_loss"], gb(peak), step_seconds[-1]))
+            cap.check(peak)
+
+    if spec.get("data") and weights_source != "synthetic":
+        batches = text_batches(spec, Path(weights_source))
+    else:
+        batches = random_batches(spec, int(spec["config"]["vocab_size"]))
+    with tempfile.TemporaryDirectory(prefix="yourai-probe-") as scratch:
+        args = TrainingArgs(
+            batch_size=batch,
+            iters=steps,
+            steps_per_report=1,
+            steps_per_eval=steps + 1,
+            steps_per_save=steps + 1,
+            max_seq_length=int(spec["seq_len"]) + 1,
+            adapter_file=str(Path(scratch) / "adapters.safetensors"),
+            grad_checkpoint=bool(spec["grad_checkpoint"]),
+        )
+        # mlx-lm's trainer draws its progress UI on stdout; keep stdout for our protocol.
+        with contextlib.redirect_stdout(sys.stderr):
+            train(
+                model, optim.Adam(learning_rate=1e-5), [0] * batch, None, args=args,
+                iterate_batches=batches, training_callback=Progress(),
+            )  # fmt: skip
+    return step_seconds, step_peaks
 
 
 def measure_throughput(spec: dict[str, Any]) -> dict[str, Any]:
@@ -864,57 +862,63 @@ def classify_failure(exc: BaseException) -> str:
 
 
 def emit_result(result: dict[str, Any]) -> None:
-    _out.write(RESULT_PREFIX + " " + json.dumps(result) + "\n")
+    _out.write(result_line(result) + "\n")
     _out.flush()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+# What the probe's result repeats of its spec (its "config").
+ECHOED_SPEC = (
+    "preset", "bits", "group_size", "dtype", "batch_size", "seq_len", "steps", "lora_rank",
+    "lora_layers", "lora_scale", "grad_checkpoint", "in_flight",
+)  # fmt: skip
+
+
+def errand(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int | None:
+    """The short jobs: device info, a census, a parameter count, the matmul throughput;
+    None when asked for none of them (then: a training run)."""
     if args.device_info:
         emit_result({"status": "ok", **device_info()})
         return EXIT_OK
     if args.census_batch is not None:
         for spec in json.loads(args.census_batch.read_text()):
-            spec = {"group_size": 64, "bits": 4, "dtype": "bfloat16", **spec}
-            try:
-                emit_result({"status": "ok", "census": model_census(spec)})
-            except (Exception, SystemExit) as exc:  # mlx-lm cannot build it (some exit)
-                emit_result({"status": "error", "error": f"{type(exc).__name__}: {exc}"})
+            spec = {"group_size": DEFAULT_GROUP_SIZE, "bits": DEFAULT_BITS, "dtype": "bfloat16",
+                    **spec}  # fmt: skip
+            census_line(spec)
         return EXIT_OK
     if args.census:
-        try:
-            spec = resolve_spec(args)
-            emit_result({"status": "ok", "census": model_census(spec)})
-        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
-            parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
-        except (Exception, SystemExit) as exc:  # mlx-lm cannot build it (some modules exit)
-            emit_result({"status": "error", "error": f"{type(exc).__name__}: {exc}"})
-            return EXIT_ERROR
-        return EXIT_OK
+        return census_line(spec_or_exit(args, parser))
     if args.count_only:
-        try:
-            spec = resolve_spec(args)
-        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
-            parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
+        spec = spec_or_exit(args, parser)
         model, _ = build_model({**spec, "weights": "synthetic"}, MemoryCap(None), evaluate=False)
-        emit_result(
-            {
-                "status": "ok",
-                "preset": spec.get("preset"),
-                "total_parameters": count_parameters(model),
-            }
-        )
+        count = count_parameters(model)
+        emit_result({"status": "ok", "preset": spec.get("preset"), "total_parameters": count})
         return EXIT_OK
     if args.measure_throughput:
         # Needs no model: a matmul at the run's dtype and bits.
         spec = {"dtype": args.dtype or "float32", "bits": args.bits or 16}
         emit_result({"status": "ok", "backend": backend_name(), **measure_throughput(spec)})
         return EXIT_OK
+    return None
+
+
+def census_line(spec: dict[str, Any]) -> int:
     try:
-        spec = resolve_spec(args)
+        emit_result({"status": "ok", "census": model_census(spec)})
+    except (Exception, SystemExit) as exc:  # mlx-lm cannot build it (some modules exit)
+        emit_result({"status": "error", "error": f"{type(exc).__name__}: {exc}"})
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def spec_or_exit(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    try:
+        return resolve_spec(args)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
         parser.exit(EXIT_USAGE, f"{parser.prog}: error: {exc}\n")
+
+
+def measure(spec: dict[str, Any]) -> int:
+    """A training run, measured; one result line whatever happens."""
     buffer_env = apply_in_flight(spec["in_flight"])
     info = device_info()
     phase = Phase(FootprintMeter(source_for(str(info["backend"]), _CUDA_METER)))
@@ -922,24 +926,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "backend": info["backend"],
         "device_name": str(info.get("device_name", platform.machine())),
         "mlx_version": str(getattr(mx, "__version__", "?")),
-        "config": {
-            k: spec[k]
-            for k in (
-                "preset",
-                "bits",
-                "group_size",
-                "dtype",
-                "batch_size",
-                "seq_len",
-                "steps",
-                "lora_rank",
-                "lora_layers",
-                "lora_scale",
-                "grad_checkpoint",
-                "in_flight",
-            )
-            if k in spec
-        },
+        "config": {k: spec[k] for k in ECHOED_SPEC if k in spec},
         "mlx_buffer_env": buffer_env,
     }
     try:
@@ -961,16 +948,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             }
         )
         return EXIT_OOM if status == "oom" else EXIT_ERROR
-    emit_result(
-        {
-            **base,
-            "status": "ok",
-            "phase": phase.name,
-            **measured,
-            "process_peak_rss_gb": process_peak_rss_gb(),
-        }
-    )
+    result = {**base, "status": "ok", "phase": phase.name, **measured}
+    emit_result({**result, "process_peak_rss_gb": process_peak_rss_gb()})
     return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    done = errand(args, parser)
+    if done is not None:
+        return done
+    return measure(spec_or_exit(args, parser))
 
 
 if __name__ == "__main__":

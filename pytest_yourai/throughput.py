@@ -11,15 +11,19 @@ with the start-up growing with the bytes of weights built, and a per-step overhe
 dominates small, launch-bound shapes. Before any observation the machine's matmul
 throughput (a microbenchmark) stands in, with a fixed start-up per backend.
 
-Pure functions; the plugin keeps the observations in pytest's cache, per host and backend.
+The model is pure; ``MachineTiming`` keeps the observations and the measured throughput in
+pytest's cache, per host and backend.
 """
 
 from __future__ import annotations
 
 import statistics
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from pytest_yourai.spawn import ask_probe
 
 # Seconds before the steps run at full speed when nothing has been measured yet: the
 # typical figure, and the least plausible one (what the time gate decides with).
@@ -159,3 +163,79 @@ def predict_seconds(
         return None
     steps_s = steps * flops_per_step / (gflops * 1e9)
     return FALLBACK_STARTUP_S[backend] + steps_s, OPTIMISTIC_STARTUP_S[backend] + steps_s
+
+
+# -- this machine's record, in pytest's cache ---------------------------------------------
+
+THROUGHPUT_TIMEOUT_S = 120.0
+# Assumed GFLOP/s when the throughput probe fails: slow on purpose.
+FALLBACK_GFLOPS = {"cpu": 0.3, "metal": 200.0, "cuda": 2000.0}
+
+
+class MachineTiming:
+    """What this host's probes took (fitted into a TimeModel) and its matmul throughput,
+    kept in pytest's ``cache`` per host and backend. ``enabled`` is False for a custom probe
+    command, whose speed is its own."""
+
+    def __init__(self, cache: Any, host: str, enabled: bool) -> None:
+        self.cache, self.host, self.enabled = cache, host, enabled
+        self._gflops: dict[str, float] = {}
+
+    def _key(self, backend: str) -> str:
+        return f"yourai/timing/{self.host}-{backend}"
+
+    def model(self, backend: str) -> TimeModel | None:
+        """None: nothing measured yet (or no cache, or a custom probe)."""
+        if self.cache is None or not self.enabled:
+            return None
+        raw = self.cache.get(self._key(backend), [])
+        try:
+            return fit([TimingObservation.from_json(o) for o in raw])
+        except (KeyError, TypeError, ValueError):
+            return None  # an older or damaged cache entry: measure again
+
+    def learn(
+        self, backend: str, flops_per_step: float, weights_gb: float, elapsed_s: float,
+        step_seconds: Sequence[float],
+    ) -> None:  # fmt: skip
+        """Learn from a finished probe how long probes take here."""
+        if self.cache is None or not self.enabled:
+            return
+        seen = observe(flops_per_step, weights_gb, elapsed_s, step_seconds)
+        if seen is None:
+            return
+        raw = self.cache.get(self._key(backend), [])
+        kept = [o for o in raw if isinstance(o, dict)] if isinstance(raw, list) else []
+        self.cache.set(self._key(backend), [*kept, seen.to_json()][-KEEP_OBSERVATIONS:])
+
+    def gflops(self, backend: str, dtype: str, bits: int, measure: bool) -> float | None:
+        """GFLOP/s of the backend at this dtype and bits: cached, or measured by a probe
+        when ``measure`` (not in estimate-only). A failed measurement assumes a slow machine
+        (with a warning): not knowing the speed must not mean "no time limit"."""
+        if not self.enabled:
+            return None
+        key = f"yourai/throughput/{backend}-{dtype}-{bits}bit"
+        if key in self._gflops:
+            return self._gflops[key]
+        cached = self.cache.get(key, None) if self.cache is not None else None
+        if isinstance(cached, int | float) and cached > 0:
+            self._gflops[key] = float(cached)
+            return float(cached)
+        if not measure:
+            return None
+        args = ["--measure-throughput", "--dtype", dtype, "--bits", str(bits)]
+        result, problem = ask_probe(args, None, THROUGHPUT_TIMEOUT_S)
+        value = (result or {}).get("gflops")
+        if not isinstance(value, int | float) or value <= 0:
+            fallback = FALLBACK_GFLOPS[backend]
+            warnings.warn(
+                f"yourai: could not measure {backend} throughput ({problem}); "
+                f"assuming {fallback:g} GFLOP/s for time estimates",
+                stacklevel=2,
+            )
+            self._gflops[key] = fallback
+            return fallback
+        self._gflops[key] = float(value)
+        if self.cache is not None:
+            self.cache.set(key, float(value))
+        return float(value)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pytest_yourai.census import EstimateRefused, census_for
-from pytest_yourai.estimate import (
+from pytest_yourai.estimator import (
     TrainingShape,
     estimate_training_memory,
     lora_parameter_count,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_yourai.estimate import (
+from pytest_yourai.estimator import (
     TrainingShape,
     estimate_training_memory,
     lora_parameter_count,

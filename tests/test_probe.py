@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from pytest_yourai.estimate import lora_parameter_count
+from pytest_yourai.estimator import lora_parameter_count
 from pytest_yourai.presets import builtin_presets, count_parameters
 from pytest_yourai.probe import BOUNDED_IN_FLIGHT_ENV, apply_in_flight
 

@@ -1,4 +1,4 @@
-"""The runner on real subprocesses: results, timeouts, floods, garbage, the process tree."""
+"""The supervisor on real subprocesses: results, timeouts, floods, garbage, the process tree."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 
 import psutil
 
-from pytest_yourai.runner import ProbeProcess, parse_result_line
+from pytest_yourai.supervisor import ProbeProcess, parse_result_line
 
 
 def _python(code: str) -> list[str]:

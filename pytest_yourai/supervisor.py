@@ -2,7 +2,7 @@
 
 Process tree::
 
-    pytest ── supervisor (python -m pytest_yourai.runner, its own session) ── probe ── …
+    pytest ── supervisor (python -m pytest_yourai.supervisor, its own session) ── probe ── …
 
 The supervisor leads a new session and process group, and on Linux is a child
 subreaper, so every descendant of the probe stays in reach. It kills the whole tree
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import json
 import os
 import signal
 import subprocess
@@ -33,7 +32,8 @@ from typing import IO, Any
 
 import psutil
 
-RESULT_PREFIX = "BENCHMARK_RESULT:"
+from pytest_yourai.protocol import RESULT_PREFIX, parse_result_line
+
 POLL_INTERVAL_S = 0.1
 TERM_GRACE_S = 1.0
 SUPERVISOR_GRACE_S = 0.5  # shorter than TERM_GRACE_S: the supervisor finishes first
@@ -116,20 +116,6 @@ class ProbeOutcome:
         return None
 
 
-def parse_result_line(line: str | None) -> tuple[dict[str, Any] | None, str | None]:
-    """Parse ``BENCHMARK_RESULT: {json}``; returns (result, problem)."""
-    if line is None:
-        return None, f"the probe printed no {RESULT_PREFIX} line"
-    payload = line[len(RESULT_PREFIX) :].strip()
-    try:
-        value = json.loads(payload)
-    except json.JSONDecodeError as exc:
-        return None, f"the {RESULT_PREFIX} line is not valid JSON ({exc.msg})"
-    if not isinstance(value, dict):
-        return None, f"the {RESULT_PREFIX} line is not a JSON object"
-    return value, None
-
-
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
 
@@ -160,7 +146,7 @@ class ProbeProcess:
         self.argv = list(argv)
         self._started = time.monotonic()
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "pytest_yourai.runner", "--", *self.argv],
+            [sys.executable, "-m", "pytest_yourai.supervisor", "--", *self.argv],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -261,7 +247,7 @@ class ProbeProcess:
         )
 
 
-# -- the supervisor: ``python -m pytest_yourai.runner -- ARGV`` ---------------------------
+# -- the supervisor: ``python -m pytest_yourai.supervisor -- ARGV`` ---------------------------
 
 
 def _descendants() -> list[psutil.Process]:
@@ -314,7 +300,7 @@ def supervise(argv: Sequence[str]) -> int:
     try:
         child = subprocess.Popen(list(argv), preexec_fn=_parent_death_signal(signal.SIGKILL))
     except OSError as exc:
-        sys.stderr.write(f"pytest_yourai.runner: cannot run {argv[0]!r}: {exc.strerror}\n")
+        sys.stderr.write(f"pytest_yourai.supervisor: cannot run {argv[0]!r}: {exc.strerror}\n")
         return 127
     while child.poll() is None and not stop_requested and os.getppid() == parent:
         time.sleep(POLL_INTERVAL_S)
@@ -334,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == ["--"]:
         args = args[1:]
     if not args:
-        sys.stderr.write("usage: python -m pytest_yourai.runner -- COMMAND [ARG ...]\n")
+        sys.stderr.write("usage: python -m pytest_yourai.supervisor -- COMMAND [ARG ...]\n")
         return 2
     return supervise(args)
 

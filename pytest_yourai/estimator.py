@@ -1,0 +1,495 @@
+"""Memory estimator for MLX LoRA/QLoRA training: pure functions of shapes, no I/O.
+
+It predicts the probe's ``train_peak_memory_gb``: MLX's peak over the training steps of
+mlx-lm's trainer, with the model resident. Terms follow how mlx-lm allocates:
+
+- weights: quantized linears (and embeddings) pack ``bits`` per weight plus a scale and a
+  bias per group of ``group_size`` in the model dtype; layers whose input width does not
+  divide by the group size stay in the model dtype, as ``nn.quantize`` leaves them;
+- LoRA: mlx-lm creates ``lora_a``/``lora_b`` in float32 on every linear of the adapted
+  blocks; gradients and Adam's two moments are float32 too (16 bytes per trainable weight);
+- activations: what the backward pass keeps for each adapted block, per token, in the model
+  dtype; with gradient checkpointing only each block's input is kept, plus one live block;
+- logits and the cross-entropy over the vocabulary;
+- framework overhead: a fitted constant, plus MLX's in-flight window with ``in_flight="mlx"``.
+
+The fitted terms have per-backend coefficients, found by ``benchmarks/calibrate_estimator.py``
+from probe measurements (CALIBRATION below; docs/estimator.md has the commands and figures):
+
+- the graph's own memory: what the backward pass keeps (per live block: the MLP's and the
+  attention's activations; gradient checkpointing keeps block inputs instead, and MLX's
+  breadth-first scheduler recomputes some blocks ahead of their backward), the logits and the
+  cross-entropy, explicit attention scores where attention is not fused (Gemma 2's
+  soft-capping on every backend; every model on CPU and, assumed, Metal), and per-token
+  hidden-width tensors outside the blocks. The probe measures this by default
+  (``--in-flight bounded``: MLX encodes one op ahead of the device), and it repeats;
+- with ``in_flight="mlx"`` (MLX's defaults), the in-flight window: MLX encodes ahead of the
+  GPU, up to 10 committed command buffers, and every op's inputs stay alive until its buffer
+  finishes. How much that holds depends on timing, so it is fitted, capped, and the
+  conservative estimate uses an upper envelope of it instead of the typical value.
+
+Usage::
+
+    python -m pytest_yourai.estimate --preset hermes-70b --batch-size 1 --lora-rank 16 \
+        --lora-layers 8 --backend cuda [--json]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_yourai.census import Census, EstimateRefused
+from pytest_yourai.fields import BACKENDS, IN_FLIGHT_MODES
+from pytest_yourai.presets import EXPERT_KEYS, head_dim, qkv_has_bias, tie_embeddings
+
+GB = 1e9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Per-backend coefficients, in bytes per unit of each feature (see calibration_features),
+# the backend overhead (see backend_overhead_bytes) and the conservative margins: package
+# data written by benchmarks/calibrate_estimator.py from probe measurements (the commands
+# are in docs/estimator.md). Read once at import; the functions below stay pure.
+CALIBRATION_FILE = Path(__file__).with_name("calibration.json")
+_CALIBRATION_DATA: dict[str, Any] = json.loads(CALIBRATION_FILE.read_text(encoding="utf-8"))
+CALIBRATION: dict[str, dict[str, float]] = _CALIBRATION_DATA["graph"]
+# What the process holds beyond MLX's peak counter, per backend: its footprint on the device
+# (footprint.py) minus MLX's peak. ``process_gb``: what the backend holds whatever the model
+# (the CUDA context and its workspaces; on CPU the Python process with MLX and mlx-lm
+# loaded); ``cache``: the share of the step's transient memory (MLX's peak above the exact
+# weights and adapter state) that MLX's buffer cache and the allocator's reserve keep
+# beside the live arrays at the peak; ``cache_checkpoint`` the same with gradient
+# checkpointing (recomputed blocks leave more buffers of other sizes in the cache). The
+# ``*_conservative`` values cover every calibration run.
+BACKEND_OVERHEAD: dict[str, dict[str, float]] = _CALIBRATION_DATA["backend_overhead"]
+# The conservative estimate: graph terms x GRAPH_MARGIN (CHECKPOINT_MARGIN with gradient
+# checkpointing, whose recompute-ahead depends on MLX's scheduling), plus, with MLX's own
+# in-flight window, its envelope x ENVELOPE_MARGIN (capped), plus the conservative backend
+# overhead.
+GRAPH_MARGIN: dict[str, float] = _CALIBRATION_DATA["graph_margin"]
+CHECKPOINT_MARGIN: float = _CALIBRATION_DATA["checkpoint_margin"]
+# Per kind of run (window_class): the factor on the window that covers every measured one.
+ENVELOPE_MARGIN: dict[str, float] = _CALIBRATION_DATA["envelope_margin"]
+WINDOW_CLASSES = ("quantized", "dense", "quantized_checkpoint", "dense_checkpoint")
+UNFUSED_ATTENTION_MODEL_TYPES = frozenset({"gemma2"})
+
+GRAPH_TERMS = (
+    "logits",
+    "softcap",
+    "mlp",
+    "attention",
+    "checkpoint",
+    "checkpoint_ahead",
+    "checkpoint_ahead_fused",
+    "scores",
+    "scores_transient",
+    "hidden",
+    "constant",
+    "moe_gather",
+)
+# A plain MLP (up, activation, down) keeps two tensors of its width for the backward pass
+# where a gated one (gate, up, their product) keeps three: derived, not measured.
+PLAIN_MLP_SHARE = 2.0 / 3.0
+# mlx-lm builds these with fused projections (qkv_proj, gate_up_proj): fewer ops per block,
+# so with gradient checkpointing MLX's breadth-first scheduler recomputes more blocks ahead
+# of their backward (phi-4, 2 x 2048 tokens: 16.66 GB, 13.37 GB with MLX_BFS_MAX_WIDTH=1).
+FUSED_PROJECTION_MODEL_TYPES = frozenset({"phi3"})
+
+
+def calibration_features(
+    arch: Mapping[str, Any], shape: TrainingShape, census: Census | None = None
+) -> dict[str, float]:
+    """The fitted terms' inputs (see CALIBRATION); each is multiplied by a bytes coefficient.
+
+    T = batch x seq tokens (scaled by the dtype's width: the terms are calibrated on
+    bfloat16), L = adapted blocks, N = all blocks, w = q + k + v widths. Graph terms:
+    ``logits`` T x vocab (one more for final-logit soft-capping, ``softcap``); per live block
+    ``mlp`` T x intermediate and ``attention`` T x w, where every adapted block is live, or one
+    with gradient checkpointing, which keeps ``checkpoint`` T x L x hidden instead and
+    recomputes blocks ahead of their backward (``checkpoint_ahead``, T x (intermediate + w),
+    apart for fused-projection models); ``scores`` T x seq x heads per live block where
+    attention is unfused; ``hidden`` T x hidden outside the blocks (embeddings, final norm,
+    the head's input gradient, frozen blocks' transients); ``constant`` (MB). Window terms
+    (``in_flight="mlx"`` only): T x N x (hidden + intermediate), split by quantized/dense
+    weights and checkpointing, and T x L x rank for quantized runs.
+
+    With a census (census.py) the MLP of each live block is the width a token goes through:
+    its top-k experts' and the shared experts' for a mixture of experts, two thirds of it for
+    a plain (not gated) MLP, which keeps two tensors of that width where a gated one keeps
+    three; ``moe_gather`` is T x top-k x hidden per live mixture-of-experts block (the
+    tokens gathered to and scattered from their experts)."""
+    if census is not None:
+        arch = census.effective_arch(arch)
+    hidden = int(arch["hidden_size"])
+    inter = int(arch["intermediate_size"])
+    vocab = int(arch["vocab_size"])
+    blocks = int(arch["num_hidden_layers"])
+    heads = int(arch.get("num_attention_heads") or 0)
+    width = attention_width(arch)
+    adapted = min(shape.lora_layers, blocks)
+    tokens = float(shape.batch_size * shape.seq_len)
+    live = 1 if shape.grad_checkpoint else adapted
+    unfused = attention_unfused(arch, shape.backend)
+    fused = 1.0 if arch.get("model_type") in FUSED_PROJECTION_MODEL_TYPES else 0.0
+    checkpoint = 1.0 if shape.grad_checkpoint else 0.0
+    # Graph terms are calibrated on bfloat16 models; activations follow the model dtype.
+    t = tokens * DTYPE_BYTES[shape.dtype] / 2
+    mlp_widths, gather = live_mlp(census, inter, hidden, adapted, live)
+    inter = int(mlp_widths[-1]) if mlp_widths else inter
+    ahead = t * (inter + width) * checkpoint
+    return {
+        "logits": t * vocab,
+        "softcap": t * vocab if arch.get("final_logit_softcapping") else 0.0,
+        "mlp": t * sum(mlp_widths),
+        "moe_gather": t * gather,
+        "attention": t * live * width,
+        "checkpoint": t * adapted * hidden * checkpoint,
+        "checkpoint_ahead": ahead * (1 - fused),
+        "checkpoint_ahead_fused": ahead * fused,
+        "scores": t * shape.seq_len * heads * live if unfused else 0.0,
+        "scores_transient": t * shape.seq_len * heads if unfused else 0.0,
+        "hidden": t * hidden,
+        "constant": 1e6,
+    }
+
+
+def attention_unfused(arch: Mapping[str, Any], backend: str) -> bool:
+    """Whether the attention scores are materialized (no fused kernel for them)."""
+    unfused = backend in ("cpu", "metal") or arch.get("model_type") in UNFUSED_ATTENTION_MODEL_TYPES
+    if unfused and not arch.get("num_attention_heads"):
+        raise EstimateRefused(
+            f"model type {arch.get('model_type')}: its attention scores need the number of "
+            "heads, which its config does not give (num_attention_heads)"
+        )
+    return unfused
+
+
+def attention_width(arch: Mapping[str, Any]) -> int:
+    """q + k + v widths (a census may give it: models whose attention is not Llama's)."""
+    if arch.get("_attention_width"):
+        return int(arch["_attention_width"])
+    heads = int(arch.get("num_attention_heads") or 0)
+    kv_heads = int(arch.get("num_key_value_heads") or heads)
+    return (heads + 2 * kv_heads) * head_dim(arch)
+
+
+def live_mlp(
+    census: Census | None, inter: int, hidden: int, adapted: int, live: int
+) -> tuple[list[float], float]:
+    """The MLP width each live block's tokens go through, and the tokens' gather width of
+    the mixture-of-experts blocks among them (see calibration_features)."""
+    if census is None:
+        return [float(inter)] * live, 0.0
+    kinds = census.last(adapted)[-live:]
+    widths = [
+        k.active_intermediate() * (PLAIN_MLP_SHARE if k.mlp == "plain" else 1.0) for k in kinds
+    ]
+    gather = sum(float(k.top_k or 0) * hidden for k in kinds if k.mlp == "moe")
+    return widths, gather
+
+
+def graph_bytes(features: Mapping[str, float], coefficients: Mapping[str, float]) -> float:
+    return sum(coefficients.get(t, 0.0) * features[t] for t in GRAPH_TERMS)
+
+
+def window_class(shape: TrainingShape) -> str:
+    """The kind of run, for the in-flight window: quantized or dense, checkpointed or not."""
+    kind = "quantized" if shape.bits < 16 else "dense"
+    return kind + ("_checkpoint" if shape.grad_checkpoint else "")
+
+
+def window_bytes(
+    arch: Mapping[str, Any], shape: TrainingShape, coefficients: Mapping[str, float]
+) -> float:
+    """MLX's in-flight window with its default command-buffer limits (``in_flight="mlx"``).
+
+    MLX encodes work ahead of the device, up to about 11 committed command buffers of up
+    to 100 ops or 1000 MB of inputs each on an H100/H200, and every queued op keeps its
+    inputs alive until the device has run it. The queue fills when the device is slower
+    than the encoding, that is when each op is large: the window grows with the tokens
+    times hidden width squared (an op's work), saturates at the buffers' limit (``cap``),
+    and is smaller when few blocks are adapted (a shorter backward pass to queue). Fitted
+    per kind of run (window_class); 8-bit weights take ``window_8bit`` of the 4-bit figure.
+    Measured on CUDA; Metal's buffers are smaller (see CALIBRATION["metal"])."""
+    kind = window_class(shape)
+    blocks = int(arch["num_hidden_layers"])
+    adapted = min(shape.lora_layers, blocks)
+    tokens = float(shape.batch_size * shape.seq_len)
+    hidden = float(arch["hidden_size"])
+    scale = coefficients[f"window_{kind}_scale"] * 1e-10
+    cap = coefficients[f"window_{kind}_cap_gb"] * GB
+    layers = float(min(1.0, adapted / 16.0) ** coefficients["window_layers_power"])
+    window = min(scale * tokens * hidden * hidden * layers * GB, cap)
+    if 8 <= shape.bits < 16:
+        window *= coefficients["window_8bit"]
+    return window
+
+
+@dataclass(frozen=True)
+class TrainingShape:
+    """Everything about a LoRA run that decides its memory."""
+
+    bits: int = 4
+    group_size: int = 64
+    dtype: str = "bfloat16"
+    batch_size: int = 1
+    seq_len: int = 512
+    lora_rank: int = 16
+    lora_layers: int = 16
+    grad_checkpoint: bool = False
+    backend: str = "cpu"
+    in_flight: str = "mlx"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """What a LoRA run needs, in decimal GB.
+
+    ``estimated_base_gb`` and ``estimated_conservative_gb`` are the process's footprint on
+    its device (what the machine must hold free), in the run's in-flight mode: the larger of
+    the build's and the training's. ``mlx_peak_gb`` and ``mlx_peak_conservative_gb`` are
+    MLX's own peak counter over training (what mlx_lm.lora prints as "Peak mem"), the figure
+    baselines compare."""
+
+    estimated_base_gb: float
+    estimated_conservative_gb: float
+    breakdown: Mapping[str, float]
+    mlx_peak_gb: float = 0.0
+    mlx_peak_conservative_gb: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "estimated_base_gb": round(self.estimated_base_gb, 4),
+            "estimated_conservative_gb": round(self.estimated_conservative_gb, 4),
+            "mlx_peak_gb": round(self.mlx_peak_gb, 4),
+            "mlx_peak_conservative_gb": round(self.mlx_peak_conservative_gb, 4),
+            "breakdown": {k: round(v, 4) for k, v in self.breakdown.items()},
+        }
+
+
+def block_linears(arch: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(input, output) widths of the linears of one decoder block, in mlx-lm's order."""
+    hidden = int(arch["hidden_size"])
+    inter = int(arch["intermediate_size"])
+    heads = int(arch["num_attention_heads"])
+    kv_heads = int(arch.get("num_key_value_heads") or heads)
+    hd = head_dim(arch)
+    return [
+        (hidden, heads * hd),  # q_proj
+        (hidden, kv_heads * hd),  # k_proj
+        (hidden, kv_heads * hd),  # v_proj
+        (heads * hd, hidden),  # o_proj
+        (hidden, inter),  # gate_proj
+        (hidden, inter),  # up_proj
+        (inter, hidden),  # down_proj
+    ]
+
+
+def _matrix_bytes(rows: int, cols_in: int, bits: int, group_size: int, dtype_bytes: int) -> float:
+    """Bytes of a weight matrix of ``rows`` x ``cols_in`` after ``nn.quantize``."""
+    if bits >= 16 or cols_in % group_size != 0:
+        return float(rows * cols_in * dtype_bytes)
+    packed = rows * cols_in * bits / 8
+    scales_and_biases = rows * (cols_in // group_size) * 2 * dtype_bytes
+    return packed + scales_and_biases
+
+
+def weight_bytes(arch: Mapping[str, Any], bits: int, group_size: int, dtype: str) -> float:
+    dtype_bytes = DTYPE_BYTES[dtype]
+    hidden = int(arch["hidden_size"])
+    vocab = int(arch["vocab_size"])
+    layers = int(arch["num_hidden_layers"])
+    per_block = sum(
+        _matrix_bytes(o, i, bits, group_size, dtype_bytes) for i, o in block_linears(arch)
+    )
+    per_block += 2 * hidden * dtype_bytes  # norms
+    if qkv_has_bias(arch):
+        per_block += sum(o for _, o in block_linears(arch)[:3]) * dtype_bytes
+    embed = _matrix_bytes(vocab, hidden, bits, group_size, dtype_bytes)
+    head = (
+        0.0 if tie_embeddings(arch) else _matrix_bytes(vocab, hidden, bits, group_size, dtype_bytes)
+    )
+    return layers * per_block + embed + head + hidden * dtype_bytes
+
+
+def lora_parameter_count(arch: Mapping[str, Any], lora_rank: int, lora_layers: int) -> int:
+    layers = min(lora_layers, int(arch["num_hidden_layers"]))
+    return layers * sum(lora_rank * (i + o) for i, o in block_linears(arch))
+
+
+# Model types whose weights and adapters the estimator's own formula gets exactly (a
+# Llama-shaped block: attention and a gated MLP), checked against mlx-lm's lazily built
+# models by benchmarks/model_coverage.py. Every other model needs its census.
+FORMULA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2"})
+
+
+def check_shape(shape: TrainingShape) -> None:
+    if shape.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {shape.backend!r}; expected one of {BACKENDS}")
+    if shape.dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {shape.dtype!r}; expected one of {tuple(DTYPE_BYTES)}")
+    if shape.in_flight not in IN_FLIGHT_MODES:
+        raise ValueError(
+            f"unknown in_flight {shape.in_flight!r}; expected one of {IN_FLIGHT_MODES}"
+        )
+
+
+def model_bytes(
+    arch: Mapping[str, Any], shape: TrainingShape, census: Census | None
+) -> tuple[Mapping[str, Any], float, float]:
+    """(the architecture as estimated, the weights' bytes, the LoRA parameters): from the
+    formula for the types it knows, else from the census."""
+    if census is None:
+        model_type = arch.get("model_type")
+        if model_type not in FORMULA_MODEL_TYPES or is_mixture_of_experts(arch):
+            raise EstimateRefused(
+                f"model type {model_type}: its shapes are not the Llama-shaped block the "
+                "formula knows; the estimate needs the model's census (what mlx-lm builds)"
+            )
+        adapted = min(shape.lora_layers, int(arch["num_hidden_layers"]))
+        weights = weight_bytes(arch, shape.bits, shape.group_size, shape.dtype)
+        return arch, weights, lora_parameter_count(arch, shape.lora_rank, adapted)
+    refusal = census.refusal()
+    if refusal is not None:
+        raise EstimateRefused(refusal)
+    if (census.bits, census.group_size, census.dtype) != (
+        shape.bits,
+        shape.group_size,
+        shape.dtype,
+    ):
+        raise ValueError("the census was taken for other bits, group size or dtype")
+    arch = census.effective_arch(arch)
+    adapted = min(shape.lora_layers, int(arch["num_hidden_layers"]))
+    return arch, float(census.weights_bytes), census.lora_parameters(shape.lora_rank, adapted)
+
+
+def estimate_training_memory(
+    arch: Mapping[str, Any], shape: TrainingShape, census: Census | None = None
+) -> Estimate:
+    """Predict the memory (decimal GB) of an mlx-lm LoRA training run.
+
+    ``census`` (census.py) is what mlx-lm's own model class says of the model; without one,
+    only the model types in FORMULA_MODEL_TYPES are estimated. EstimateRefused names the
+    model type and what is missing when the estimator cannot estimate it."""
+    check_shape(shape)
+    effective, weights, lora_params = model_bytes(arch, shape, census)
+    # LoRA weights (float32), their gradients, and Adam's two moments.
+    lora, gradients, optimizer = lora_params * 4.0, lora_params * 4.0, lora_params * 8.0
+    coefficients = CALIBRATION[shape.backend]
+    features = calibration_features(effective, shape, census)
+    graph = {t: coefficients.get(t, 0.0) * features[t] for t in GRAPH_TERMS}
+    if shape.in_flight == "mlx":
+        window = window_bytes(effective, shape, coefficients)
+        envelope = window * ENVELOPE_MARGIN[window_class(shape)]
+    else:  # one op in flight: nothing beyond the graph (the graph terms were fitted so)
+        window = envelope = 0.0
+    exact = weights + lora + gradients + optimizer
+    margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
+    graph_total = sum(graph.values())
+    mlx_peak = exact + graph_total + window
+    mlx_peak_conservative = max(exact + graph_total * margin + max(window, envelope), mlx_peak)
+    overhead = backend_overhead_bytes(shape, graph_total, window, conservative=False)
+    # The conservative shares were fitted to cover every run against its graph and window.
+    overhead_conservative = backend_overhead_bytes(shape, graph_total, window, conservative=True)
+    # The build (weights made a slice at a time, as a model loads from disk) needs the
+    # weights and what the backend holds; training needs more, except for odd shapes.
+    build = weights + SLICE_BYTES + BACKEND_OVERHEAD[shape.backend]["process_gb"] * GB
+    base = max(mlx_peak + overhead, build)
+    return Estimate(
+        estimated_base_gb=base / GB,
+        estimated_conservative_gb=max(mlx_peak_conservative + overhead_conservative, build, base)
+        / GB,
+        breakdown=breakdown(weights, lora_params, graph, window, overhead),
+        mlx_peak_gb=mlx_peak / GB,
+        mlx_peak_conservative_gb=mlx_peak_conservative / GB,
+    )
+
+
+def breakdown(
+    weights: float, lora_params: float, graph: Mapping[str, float], window: float, overhead: float
+) -> dict[str, float]:
+    """Where the base estimate goes, in GB."""
+    activations = sum(
+        graph[t]
+        for t in ("mlp", "attention", "checkpoint", "checkpoint_ahead", "checkpoint_ahead_fused")
+    )
+    return {
+        "weights_gb": weights / GB,
+        "lora_parameters_gb": lora_params * 4.0 / GB,
+        "gradients_gb": lora_params * 4.0 / GB,
+        "optimizer_state_gb": lora_params * 8.0 / GB,
+        "activations_gb": (activations + graph["hidden"]) / GB,
+        "attention_scores_gb": (graph["scores"] + graph["scores_transient"]) / GB,
+        "logits_and_loss_gb": (graph["logits"] + graph["softcap"]) / GB,
+        "framework_overhead_gb": (graph["constant"] + window) / GB,
+        "backend_overhead_gb": overhead / GB,
+    }
+
+
+# The probe makes large matrices this many bytes (float32) at a time.
+SLICE_BYTES = 16 * 1024 * 1024
+
+
+def backend_overhead_bytes(
+    shape: TrainingShape, graph: float, window: float, conservative: bool
+) -> float:
+    """What the process holds beyond MLX's peak (see BACKEND_OVERHEAD): what the backend
+    holds whatever the model, plus shares of the step's graph memory and of the in-flight
+    window that MLX's buffer cache and the allocator's reserve keep beside the live arrays."""
+    terms = BACKEND_OVERHEAD[shape.backend]
+    suffix = "_conservative" if conservative else ""
+    graph_share = terms[("cache_checkpoint" if shape.grad_checkpoint else "cache") + suffix]
+    process = terms["process_conservative_gb" if conservative else "process_gb"]
+    return process * GB + graph_share * graph + terms["cache_window" + suffix] * window
+
+
+def is_mixture_of_experts(arch: Mapping[str, Any]) -> bool:
+    return any(arch.get(key) for key in EXPERT_KEYS)
+
+
+def seed_estimate_gb(parameters_billions: float) -> tuple[float, float]:
+    """The original Rust CLI's formula, kept for comparison: 2 + 1.8·P and 2 + 2.2·P GB."""
+    return 2.0 + 1.8 * parameters_billions, 2.0 + 2.2 * parameters_billions
+
+
+def training_flops(
+    arch: Mapping[str, Any], shape: TrainingShape, census: Census | None = None
+) -> float:
+    """Floating-point operations of one training step.
+
+    Forward through every block and the head (2 per weight per token), backward through
+    the adapted span and the head (input gradients: 2 more; LoRA's own are negligible),
+    plus attention (4·S·d per token per block, forward, doubled where backward runs). With a
+    census the MLP is the width a token goes through (its experts', for a mixture)."""
+    if census is not None:
+        arch = census.effective_arch(arch)
+    layers = int(arch["num_hidden_layers"])
+    adapted = min(shape.lora_layers, layers)
+    hidden = int(arch["hidden_size"])
+    vocab = int(arch["vocab_size"])
+    tokens = shape.batch_size * shape.seq_len
+    if census is not None:
+        widths = [k.active_intermediate() for k in census.per_block()]
+        mixing = float(hidden * int(arch.get("_attention_width") or hidden) + hidden * hidden)
+        per_block = mixing + 3.0 * hidden * (sum(widths) / max(1, len(widths)))
+    else:
+        per_block = float(sum(i * o for i, o in block_linears(arch)))
+    head = vocab * hidden
+    forward = 2.0 * tokens * (layers * per_block + head)
+    backward = 2.0 * tokens * (adapted * per_block + head)
+    if shape.grad_checkpoint:
+        backward += 2.0 * tokens * adapted * per_block
+    attention = 4.0 * tokens * shape.seq_len * hidden * (layers + 2 * adapted)
+    return forward + backward + attention
+
+
+def format_breakdown(estimate: Estimate) -> str:
+    lines = [f"{name:<24} {value:>10.3f} GB" for name, value in estimate.breakdown.items()]
+    lines.append(f"{'estimated_base_gb':<24} {estimate.estimated_base_gb:>10.3f} GB")
+    lines.append(
+        f"{'estimated_conservative_gb':<24} {estimate.estimated_conservative_gb:>10.3f} GB"
+    )
+    return "\n".join(lines)
