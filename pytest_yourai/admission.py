@@ -22,6 +22,9 @@ from typing import Any
 import psutil
 from filelock import FileLock
 
+from pytest_yourai.eventlog import PROBE_ADMITTED, PROBE_WAITING, EventLog
+from pytest_yourai.files import write_atomically
+
 POLL_S = 0.25
 
 
@@ -68,9 +71,7 @@ class Ledger:
         }
 
     def _write(self, reservations: dict[str, dict[str, Any]]) -> None:
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"reservations": reservations}), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_atomically(self.path, json.dumps({"reservations": reservations}))
 
     def reserved_gb(self) -> float:
         with self.lock:
@@ -108,3 +109,39 @@ class Ledger:
             live = self._read()
             if live.pop(key, None) is not None or self.path.exists():
                 self._write(live)
+
+
+def admit(
+    ledger: Ledger,
+    log: EventLog,
+    key: str,
+    preset: str,
+    needed_gb: float,
+    budget_gb: float,
+    worker: str,
+) -> Admission:
+    """Reserve ``needed_gb`` for the preset's probe on this host, waiting (logged
+    ``probe_waiting``) while it does not fit next to the probes already running; logged
+    ``probe_admitted``. NeverFits when it exceeds the whole budget."""
+
+    def waiting(others: float, budget: float) -> None:
+        log.write_event(
+            PROBE_WAITING,
+            preset=preset,
+            needed_gb=round(needed_gb, 4),
+            reserved_gb=round(others, 4),
+            budget_gb=round(budget, 4),
+        )
+
+    admission = ledger.reserve(
+        key, needed_gb, budget_gb, {"preset": preset, "worker": worker}, waiting
+    )
+    log.write_event(
+        PROBE_ADMITTED,
+        preset=preset,
+        reserved_gb=round(admission.reserved_gb, 4),
+        total_reserved_gb=round(admission.total_reserved_gb, 4),
+        budget_gb=round(admission.budget_gb, 4),
+        waited_s=round(admission.waited_s, 3),
+    )
+    return admission

@@ -1,4 +1,5 @@
-"""Config policies: the seed's safe-config table, and the estimator-driven "fit" policy.
+"""Config policies: the safe-config table of the original Rust CLI (policy "seed", the
+default), and the estimator-driven "fit" policy.
 
 Pure functions: memory in, a BenchmarkConfig out.
 """
@@ -9,7 +10,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-CONFIG_POLICIES = ("seed", "fit")
+SAFE_CONFIG_TABLE_POLICY, FIT_POLICY = "seed", "fit"  # the values of --yourai-config
+CONFIG_POLICIES = (SAFE_CONFIG_TABLE_POLICY, FIT_POLICY)
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,10 @@ class BenchmarkConfig:
         return f"batch={self.batch_size}, rank={self.lora_rank}, layers={self.lora_layers}"
 
 
-def get_safe_benchmark_config(
+def safe_config_table(
     size_billions: float, available_gb: float, num_layers: int
 ) -> BenchmarkConfig:
-    """The seed's table (``get_safe_benchmark_config`` in the Rust CLI).
+    """The safe-config table (``get_safe_benchmark_config`` in the original Rust CLI).
 
     | size | available | batch | rank | layers |
     | 70B  | < 40 GB   | 1 | 16 | 8  |
@@ -37,7 +39,7 @@ def get_safe_benchmark_config(
 
     Sizes between the rows take the row of the next size down (a 32B model is treated as
     a 14B, a 10B as a 7-8B); models above 70B take the 70B row. Models below 7B are not in
-    the seed: they get batch 2, rank 16 under 1B and rank 32 up to 7B, adapting up to 16
+    the Rust table: they get batch 2, rank 16 under 1B and rank 32 up to 7B, adapting up to 16
     blocks. ``lora_layers`` never exceeds the model's block count.
     """
     if size_billions >= 40:
@@ -89,3 +91,6 @@ def fit_config(
         if conservative_gb(candidate) <= budget_gb:
             return candidate
     return None
+
+
+get_safe_benchmark_config = safe_config_table  # the Rust CLI's name

@@ -4,12 +4,14 @@ pytest-benchmark's storage). One JSON file per machine id under the baseline dir
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from pytest_yourai.files import write_atomically
+from pytest_yourai.results import ResultRow, Verdict
 
 
 def machine_id(backend: str, device_name: str, total_gb: float) -> str:
@@ -69,12 +71,8 @@ def save(directory: Path, machine: str, peaks: Mapping[str, Mapping[str, Any]]) 
     directory.mkdir(parents=True, exist_ok=True)
     merged = {**load(directory, machine), **peaks}
     path = baseline_path(directory, machine)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps({"machine": machine, "saved": time.time(), "presets": merged}, indent=1),
-        encoding="utf-8",
-    )
-    os.replace(tmp, path)
+    document = {"machine": machine, "saved": time.time(), "presets": merged}
+    write_atomically(path, json.dumps(document, indent=1))
     return path
 
 
@@ -89,3 +87,23 @@ def growth_failure(preset: str, old_gb: float, new_gb: float, threshold: float) 
         f"{preset}: peak grew {growth * 100:.1f}% over the baseline "
         f"({old_gb:.4g} GB -> {new_gb:.4g} GB), more than the allowed {threshold * 100:g}%"
     )
+
+
+def save_passes(
+    directory: Path, machine: str, rows: Iterable[ResultRow]
+) -> tuple[Path, int] | None:
+    """Store the MLX peak of every passed benchmark, keyed by preset, config and in-flight
+    mode; None when nothing passed with a peak."""
+    peaks = {
+        run_key(str(r.get("preset")), *(r.get(name) for name in KEY_FIELDS)): {
+            "preset": r.get("preset"),
+            "peak_memory_gb": r.get("peak_memory_gb"),
+            "footprint_peak_gb": r.get("footprint_peak_gb"),
+            **{name: r.get(name) for name in KEY_FIELDS},
+        }
+        for r in rows
+        if r.verdict == Verdict.PASS and isinstance(r.get("peak_memory_gb"), int | float)
+    }
+    if not peaks:
+        return None
+    return save(directory, machine, peaks), len(peaks)

@@ -5,39 +5,47 @@ Pure: it takes what the machine has as numbers and returns a Preflight.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
 from pytest_yourai.autoconfig import (
+    FIT_POLICY,
     BenchmarkConfig,
     apply_pins,
     fit_config,
-    get_safe_benchmark_config,
+    safe_config_table,
 )
 from pytest_yourai.census import Census, EstimateRefused, census_for
-from pytest_yourai.estimate import (
+from pytest_yourai.estimator import (
     FORMULA_MODEL_TYPES,
     Estimate,
     TrainingShape,
-    default_dtype,
     estimate_training_memory,
     is_mixture_of_experts,
     training_flops,
     weight_bytes,
 )
+from pytest_yourai.fields import (
+    DEFAULT_BITS,
+    DEFAULT_GROUP_SIZE,
+    DEFAULT_SEQ_LEN,
+    DEFAULT_STEPS,
+    PREFLIGHT_FIELDS,
+    default_dtype,
+)
 from pytest_yourai.presets import Preset
 from pytest_yourai.throughput import TimeModel, predict_seconds
-
-DEFAULT_SEQ_LEN = 512
-DEFAULT_BITS = 4
-DEFAULT_GROUP_SIZE = 64
-DEFAULT_STEPS = 4
 
 RUN, SKIP_MEMORY, SKIP_TIME = "run", "skip_memory", "skip_time"
 SKIP_NO_MLX = "skip_no_mlx"  # MLX cannot be imported: nothing is judged
 SKIP_REFUSED = "skip_refused"  # the estimator cannot estimate this model (see census.py)
 BOUNDED_ENV_TEXT = "MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1"
+# The run's shape as the probe's spec carries it (besides the model and the estimate).
+SPEC_FIELDS = (
+    "backend", "bits", "dtype", "batch_size", "seq_len", "lora_rank", "lora_layers",
+    "grad_checkpoint", "in_flight",
+)  # fmt: skip
 
 
 def fits(conservative_gb: float, available_gb: float, safety_gb: float) -> bool:
@@ -68,13 +76,14 @@ class Preflight:
         return not fits(self.estimate.estimated_conservative_gb, self.available_gb, self.safety_gb)
 
     def record(self) -> dict[str, Any]:
-        """The pre-flight as the log, JSON and JUnit have it (estimates null when refused)."""
+        """The pre-flight as the log, JSON and JUnit have it (fields.PREFLIGHT_FIELDS;
+        estimates null when refused)."""
         e, c, s = self.estimate, self.config, self.shape
 
         def gb(value: float) -> float | None:
             return None if self.refused else round(value, 3)
 
-        return {
+        values = {
             "preset": self.preset.name,
             "available_gb": round(self.available_gb, 3),
             "estimated_base_gb": gb(e.estimated_base_gb),
@@ -83,12 +92,6 @@ class Preflight:
             "batch_size": c.batch_size,
             "lora_rank": c.lora_rank,
             "lora_layers": c.lora_layers,
-            "seq_len": s.seq_len,
-            "bits": s.bits,
-            "dtype": s.dtype,
-            "backend": s.backend,
-            "in_flight": s.in_flight,
-            "grad_checkpoint": s.grad_checkpoint,
             "predicted_seconds": None
             if self.predicted_seconds is None
             else round(self.predicted_seconds, 1),
@@ -96,33 +99,54 @@ class Preflight:
             "reason": self.reason,
             "safety_gb": self.safety_gb,
         }
+        return {
+            name: values[name] if name in values else getattr(s, name) for name in PREFLIGHT_FIELDS
+        }
 
-    def required_text(self) -> str:
-        e = self.estimate
-        return f"~{e.estimated_base_gb:.3g}-{e.estimated_conservative_gb:.3g} GB"
+    def properties(self, **context: Any) -> dict[str, Any]:
+        """What the test's ``yourai_*`` properties carry (JUnit, the controller's rows):
+        the record's known values, the preset's size, and ``context`` (host, worker...)."""
+        values = {k: v for k, v in self.record().items() if v is not None and v != ""}
+        return {
+            **values,
+            "params": self.preset.params,
+            "param_count": self.preset.parameter_count,
+            **context,
+            "insufficient": self.insufficient,
+        }
 
     def probe_spec(self) -> dict[str, Any]:
-        """What the probe (or a custom probe command) gets as YOURAI_PROBE_SPEC."""
+        """What the probe (or a custom probe command) gets as YOURAI_PROBE_SPEC: the run's
+        shape, the model, and the estimate (for its own report)."""
+        record = self.record()
+        shape = {name: record[name] for name in SPEC_FIELDS}
         return {
             "preset": self.preset.name,
             "model_name": self.preset.repo,
             "params": self.preset.params,
             "config": dict(self.preset.architecture),
-            "backend": self.shape.backend,
-            "bits": self.shape.bits,
+            **shape,
             "group_size": self.shape.group_size,
-            "dtype": self.shape.dtype,
-            "batch_size": self.shape.batch_size,
-            "seq_len": self.shape.seq_len,
-            "lora_rank": self.shape.lora_rank,
-            "lora_layers": self.shape.lora_layers,
-            "grad_checkpoint": self.shape.grad_checkpoint,
-            "in_flight": self.shape.in_flight,
             "steps": self.steps,
             "estimated_base_gb": round(self.estimate.estimated_base_gb, 4),
             "estimated_conservative_gb": round(self.estimate.estimated_conservative_gb, 4),
             "available_gb": round(self.available_gb, 3),
         }
+
+    def weights_gb(self) -> float:
+        """The weights' GB as built (the census's exact bytes where there is one)."""
+        if self.census is not None:
+            return self.census.weights_bytes / 1e9
+        shape = self.shape
+        arch = self.preset.architecture
+        return weight_bytes(arch, shape.bits, shape.group_size, shape.dtype) / 1e9
+
+    def flops_per_step(self) -> float:
+        return training_flops(self.preset.architecture, self.shape, self.census)
+
+    def required_text(self) -> str:
+        e = self.estimate
+        return f"~{e.estimated_base_gb:.3g}-{e.estimated_conservative_gb:.3g} GB"
 
 
 def training_shape(
@@ -143,7 +167,17 @@ def training_shape(
     )
 
 
-def choose_config(
+@dataclass(frozen=True)
+class Resolved:
+    """A preset's config, its one training shape, and its estimate (None when refused)."""
+
+    config: BenchmarkConfig
+    shape: TrainingShape
+    estimate: Estimate | None
+    refusal: str | None = None
+
+
+def resolve(
     preset: Preset,
     available_gb: float,
     backend: str,
@@ -151,26 +185,39 @@ def choose_config(
     in_flight: str = "mlx",
     safety_gb: float = 0.0,
     census: Census | None = None,
-) -> BenchmarkConfig:
-    """The seed's table (by available memory), or, with the fit policy, the largest config
-    whose conservative footprint fits by the go rule."""
-    num_layers = int(preset.architecture["num_hidden_layers"])
-    seed = apply_pins(
-        get_safe_benchmark_config(preset.size_billions, available_gb, num_layers), preset.pins
-    )
-    if policy != "fit":
-        return seed
+    refusal: str | None = None,
+) -> Resolved:
+    """The config, once: the preset's pins over the safe-config table's row (by available
+    memory), or, with the fit policy, over the largest candidate whose conservative
+    footprint fits by the go rule. Each distinct candidate is estimated once; nothing is
+    estimated for a model whose census was refused (``refusal``)."""
+    pins, arch = preset.pins, preset.architecture
+    num_layers = int(arch["num_hidden_layers"])
+    table = apply_pins(safe_config_table(preset.size_billions, available_gb, num_layers), pins)
+    if refusal is not None:
+        return Resolved(table, training_shape(preset, table, backend, in_flight), None, refusal)
+    estimates: dict[BenchmarkConfig, Estimate] = {}
 
-    def conservative(candidate: BenchmarkConfig) -> float:
-        shape = training_shape(preset, apply_pins(candidate, preset.pins), backend, in_flight)
-        estimate = estimate_training_memory(preset.architecture, shape, census)
-        return estimate.estimated_conservative_gb
+    def estimate(config: BenchmarkConfig) -> Estimate:
+        if config not in estimates:
+            shape = training_shape(preset, config, backend, in_flight)
+            estimates[config] = estimate_training_memory(arch, shape, census)
+        return estimates[config]
 
+    config = table
     try:
-        fitted = fit_config(num_layers, available_gb - safety_gb, conservative)
-    except EstimateRefused:
-        return seed
-    return apply_pins(fitted, preset.pins) if fitted is not None else seed
+        if policy == FIT_POLICY:
+            budget = available_gb - safety_gb
+            fitted = fit_config(
+                num_layers,
+                budget,
+                lambda c: estimate(apply_pins(c, pins)).estimated_conservative_gb,
+            )
+            config = apply_pins(fitted, pins) if fitted is not None else table
+        found = estimate(config)
+    except EstimateRefused as exc:
+        return Resolved(table, training_shape(preset, table, backend, in_flight), None, str(exc))
+    return Resolved(config, training_shape(preset, config, backend, in_flight), found)
 
 
 def plan(
@@ -181,85 +228,75 @@ def plan(
     policy: str,
     force: bool,
     timeout_s: float,
-    gflops: float | None,
+    gflops: float | Callable[[TrainingShape], float | None] | None,
     in_flight: str = "mlx",
     safety_gb: float = 0.0,
     timing: TimeModel | None = None,
     census: Census | None = None,
     refusal: str | None = None,
 ) -> Preflight:
-    """Choose the config, estimate it, and decide whether to run it.
+    """Resolve the config (once), then decide: memory by the go rule, then time.
 
     ``census`` is what mlx-lm's model class says of the model (census.py; needed for models
     the formula does not know); ``refusal`` says why none could be taken. A model the
     estimator cannot estimate is skipped with the reason, or run under ``force``.
 
     Time: ``timing`` is what this machine's earlier probes took (throughput.py); without it
-    the matmul throughput ``gflops`` stands in. A preset is skipped for time only when even
-    the optimistic prediction exceeds the timeout, so one that would finish is never
-    skipped."""
-    config = choose_config(preset, available_gb, backend, policy, in_flight, safety_gb, census)
-    shape = training_shape(preset, config, backend, in_flight)
+    the matmul throughput ``gflops`` stands in (a callable is asked only when a preset
+    would run, so nothing is measured for one skipped on memory). A preset is skipped for
+    time only when even the optimistic prediction exceeds the timeout, so one that would
+    finish is never skipped."""
+    chosen = resolve(preset, available_gb, backend, policy, in_flight, safety_gb, census, refusal)
     steps = int(preset.pins.get("steps", DEFAULT_STEPS))
-    if refusal is None:
-        try:
-            estimate = estimate_training_memory(preset.architecture, shape, census)
-        except EstimateRefused as exc:
-            refusal = str(exc)
-    if refusal is not None:
-        return Preflight(
-            preset=preset,
-            config=config,
-            shape=shape,
-            steps=steps,
-            estimate=Estimate(0.0, 0.0, {}),
-            available_gb=available_gb,
-            predicted_seconds=None,
-            decision=RUN if force else SKIP_REFUSED,
-            reason=f"{preset.name}: no estimate: {refusal}; --yourai-force runs it, and then "
-            "the probe and the memory watchdog decide",
-            safety_gb=safety_gb,
-            refused=True,
-            census=census,
+    result = Preflight(
+        preset, chosen.config, chosen.shape, steps, chosen.estimate or Estimate(0.0, 0.0, {}),
+        available_gb, None, RUN, "", safety_gb=safety_gb, census=census,
+    )  # fmt: skip
+    if chosen.refusal is not None:
+        reason = (
+            f"{preset.name}: no estimate: {chosen.refusal}; --yourai-force runs it, and then the "
+            "probe and the memory watchdog decide"
         )
-    weights = (
-        census.weights_bytes
-        if census is not None
-        else weight_bytes(preset.architecture, shape.bits, shape.group_size, shape.dtype)
-    )
+        return replace(result, decision=RUN if force else SKIP_REFUSED, reason=reason, refused=True)
+    if result.insufficient:
+        reason = memory_reason(
+            preset, chosen.shape, result.estimate, available_gb, safety_gb, census
+        )
+        result = replace(result, decision=RUN if force else SKIP_MEMORY, reason=reason)
+    return time_gate(result, timing, gflops, timeout_s, force)
+
+
+def time_gate(
+    result: Preflight,
+    timing: TimeModel | None,
+    gflops: float | Callable[[TrainingShape], float | None] | None,
+    timeout_s: float,
+    force: bool,
+) -> Preflight:
+    """The predicted seconds, and a skip when even the optimistic prediction is over the
+    timeout (not under ``force``)."""
+    if timing is None and (result.decision != RUN or force):
+        return result  # nothing learned yet, and no reason to measure
+    speed = gflops(result.shape) if callable(gflops) and timing is None else gflops
     times = predict_seconds(
         timing,
-        backend,
-        training_flops(preset.architecture, shape, census),
-        weights / 1e9,
-        steps,
-        gflops,
+        result.shape.backend,
+        result.flops_per_step(),
+        result.weights_gb(),
+        result.steps,
+        speed if not callable(speed) else None,
     )
-    predicted, optimistic = times if times is not None else (None, None)
-    decision, reason = RUN, ""
-    if not fits(estimate.estimated_conservative_gb, available_gb, safety_gb):
-        reason = memory_reason(preset, shape, estimate, available_gb, safety_gb, census)
-        if not force:
-            decision = SKIP_MEMORY
-    if decision == RUN and optimistic is not None and optimistic > timeout_s and not force:
-        decision = SKIP_TIME
+    if times is None:
+        return result
+    predicted, optimistic = times
+    result = replace(result, predicted_seconds=predicted)
+    if result.decision == RUN and optimistic > timeout_s and not force:
         reason = (
-            f"{preset.name}: would take ~{predicted:,.0f} s on {backend} "
+            f"{result.preset.name}: would take ~{predicted:,.0f} s on {result.shape.backend} "
             f"(timeout {timeout_s:g} s; --yourai-force runs it anyway)"
         )
-    return Preflight(
-        preset=preset,
-        config=config,
-        shape=shape,
-        steps=steps,
-        estimate=estimate,
-        available_gb=available_gb,
-        predicted_seconds=predicted,
-        decision=decision,
-        reason=reason,
-        safety_gb=safety_gb,
-        census=census,
-    )
+        result = replace(result, decision=SKIP_TIME, reason=reason)
+    return result
 
 
 def estimate_with_census(
@@ -351,12 +388,3 @@ def memory_reason(
         f"{bounded.estimated_conservative_gb:.3g} GB and fits: run the fine-tune as "
         f"`{BOUNDED_ENV_TEXT} mlx_lm.lora ...` and benchmark it with --yourai-in-flight bounded"
     )
-
-
-def safety_stop_reason(available_gb: float, threshold_gb: float) -> str | None:
-    if available_gb < threshold_gb:
-        return (
-            f"yourai safety stop: {available_gb:.2f} GB available is below the "
-            f"{threshold_gb:g} GB safety threshold (--yourai-safety-gb; --yourai-force overrides)"
-        )
-    return None

@@ -1,14 +1,16 @@
-"""What people read: the seed's per-model lines and the summary table with its recommendation."""
+"""What people read, rendered from the result rows: the per-model console lines and the
+summary table of the original Rust CLI, with its recommendation; the results JSON, the
+Markdown step summary and the plot, written by ``write_outputs``. Rendering only: the rows
+come from results.py."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from pytest_yourai.session import ResultRow
-
-VERDICT_MARKS = {"Pass": "✓", "OOM": "✗", "Timeout": "✗", "Error": "✗", "Fail": "✗"}
+from pytest_yourai.results import NOT_RUN, ResultRow, Verdict
 
 
 def gb_number(value: float) -> str:
@@ -42,7 +44,7 @@ def estimate_text(row: ResultRow) -> str:
 
 
 def item_lines(row: ResultRow, index: int, total: int | None) -> list[str]:
-    """The seed's console block for one model."""
+    """The console block for one model (the Rust CLI's)."""
     of = f"{index}/{total}" if total else str(index)
     lines = [f"[{of}] {row.get('preset', row.nodeid)} ({row.get('params', '?')})"]
     available = row.get("available_gb")
@@ -64,11 +66,11 @@ def item_lines(row: ResultRow, index: int, total: int | None) -> list[str]:
             f"after {found['probes']} probes"
         )
     verdict = row.verdict
-    if verdict in ("Skipped", "Stopped", "Estimated"):
+    if verdict in NOT_RUN:
         reason = row.get("reason") or ""
         lines.append(f"  {verdict}{': ' + reason if reason else ''}")
     else:
-        mark = VERDICT_MARKS.get(verdict, "?")
+        mark = Verdict(verdict).mark if verdict in set(Verdict) else "?"
         peak = measured_gb(row)
         detail = f" ({gb_number(float(peak))} GB peak)" if isinstance(peak, int | float) else ""
         lines.append(f"  Testing... {mark} {verdict}{detail}")
@@ -128,15 +130,15 @@ def baseline_lines(rows: Sequence[ResultRow]) -> list[str]:
 
 
 def recommendation(rows: Sequence[ResultRow]) -> str:
-    """The seed's advice: the largest preset that fits this machine."""
-    measured = [r for r in rows if r.verdict == "Pass"]
+    """The Rust CLI's advice: the largest preset that fits this machine."""
+    measured = [r for r in rows if r.verdict == Verdict.PASS]
     if measured:
         best = max(measured, key=lambda r: float(r.get("param_count", 0)))
         return (
             f"Largest preset that fits: {best.get('preset')} ({best.get('params')}), "
             f"{_gb(measured_gb(best))} peak at {config_text(best)}"
         )
-    estimated = [r for r in rows if r.verdict == "Estimated" and r.get("decision") == "run"]
+    estimated = [r for r in rows if r.verdict == Verdict.ESTIMATED and r.get("decision") == "run"]
     if estimated:
         best = max(estimated, key=lambda r: float(r.get("param_count", 0)))
         return (
@@ -202,19 +204,22 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+def result_entry(row: ResultRow) -> dict[str, object]:
+    """One benchmark as the results JSON (and the pytest_yourai_result hook) has it."""
+    entry: dict[str, object] = {"nodeid": row.nodeid, "verdict": str(row.verdict)}
+    if row.get("baseline") == "missing":
+        entry["baseline"] = None
+    elif isinstance(row.get("baseline_peak_gb"), int | float):
+        entry["baseline"] = {"peak_memory_gb": row.get("baseline_peak_gb")}
+    for name in RESULT_FIELDS:
+        value = row.get(name)
+        if value is not None:
+            entry[name] = json.loads(value) if name == "search" else value
+    return entry
+
+
 def results_document(rows: Sequence[ResultRow], machine: dict[str, object]) -> dict[str, object]:
-    results = []
-    for row in rows:
-        entry: dict[str, object] = {"nodeid": row.nodeid, "verdict": row.verdict}
-        if row.get("baseline") == "missing":
-            entry["baseline"] = None
-        elif isinstance(row.get("baseline_peak_gb"), int | float):
-            entry["baseline"] = {"peak_memory_gb": row.get("baseline_peak_gb")}
-        for name in RESULT_FIELDS:
-            value = row.get(name)
-            if value is not None:
-                entry[name] = json.loads(value) if name == "search" else value
-        results.append(entry)
+    results = [result_entry(row) for row in rows]
     return {"machine": machine, "versions": package_versions(), "results": results}
 
 
@@ -237,6 +242,25 @@ def markdown_table(rows: Sequence[ResultRow]) -> str:
     return "\n".join(lines)
 
 
+def _measured_bars(ax: Any, shown: Sequence[ResultRow], bottom: float) -> None:
+    """Each preset's measured footprint beside its estimate, or why there is none."""
+    labelled = False
+    for x, row in enumerate(shown):
+        value = measured_gb(row)
+        if isinstance(value, int | float):
+            label = None if labelled else "measured footprint"
+            labelled = True
+            ax.bar(x + 0.2, value, width=0.4, color="#31a354", label=label)
+            ax.annotate(
+                gb_number(float(value)), (x + 0.2, value), ha="center", va="bottom", fontsize=8
+            )
+        else:  # skipped or failed: say why where the bar would be
+            ax.annotate(
+                row.verdict or "-", (x + 0.2, bottom), ha="center", va="bottom", fontsize=8,
+                rotation=90,
+            )  # fmt: skip
+
+
 def plot(rows: Sequence[ResultRow], path: Path) -> None:
     """Per preset: the estimate range, the measured peak, and the available-memory line."""
     import matplotlib  # type: ignore[import-not-found,unused-ignore]
@@ -248,7 +272,6 @@ def plot(rows: Sequence[ResultRow], path: Path) -> None:
     names = [str(r.get("preset")) for r in shown]
     base = [float(r.get("estimated_base_gb")) for r in shown]
     conservative = [float(r.get("estimated_conservative_gb")) for r in shown]
-    measured = [measured_gb(r) for r in shown]
     xs = range(len(shown))
     fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(shown) + 2), 4.8))
     ax.bar([x - 0.2 for x in xs], base, width=0.4, color="#9ecae1", label="estimate (base)")
@@ -262,24 +285,7 @@ def plot(rows: Sequence[ResultRow], path: Path) -> None:
         edgecolor="#6baed6",
         label="estimate (up to conservative)",
     )
-    labelled = False
-    for x, value, row in zip(xs, measured, shown, strict=True):
-        if isinstance(value, int | float):
-            label = None if labelled else "measured footprint"
-            labelled = True
-            ax.bar(x + 0.2, value, width=0.4, color="#31a354", label=label)
-            ax.annotate(
-                gb_number(float(value)), (x + 0.2, value), ha="center", va="bottom", fontsize=8
-            )
-        else:  # skipped or failed: say why where the bar would be
-            ax.annotate(
-                row.verdict or "-",
-                (x + 0.2, min(base)),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-                rotation=90,
-            )
+    _measured_bars(ax, shown, min(base))
     available = [r.get("available_gb") for r in shown if r.get("available_gb") is not None]
     if available:
         line = min(float(a) for a in available)
@@ -298,3 +304,29 @@ def plot(rows: Sequence[ResultRow], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def write_outputs(
+    rows: Sequence[ResultRow],
+    machine: dict[str, object],
+    json_path: Path | None,
+    plot_path: Path | None,
+    step_summary: str | None,
+) -> list[str]:
+    """The results JSON, the step summary (GITHUB_STEP_SUMMARY) and the plot; lines for the
+    terminal saying what was written."""
+    written: list[str] = []
+    if not rows:
+        return written
+    if json_path is not None:
+        document = results_document(rows, machine)
+        json_path.write_text(json.dumps(document, indent=1), encoding="utf-8")
+        written.append(f"results JSON: {json_path}")
+    if step_summary:
+        with open(step_summary, "a", encoding="utf-8") as handle:
+            handle.write(markdown_table(rows) + "\n")
+        written.append(f"step summary: {step_summary}")
+    if plot_path is not None:
+        plot(rows, plot_path)
+        written.append(f"plot: {plot_path}")
+    return written
