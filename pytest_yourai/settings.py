@@ -6,9 +6,10 @@ validation error names where the bad value came from.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,11 +18,7 @@ import pytest
 
 from pytest_yourai.autoconfig import CONFIG_POLICIES
 from pytest_yourai.errors import YouraiUsageError
-from pytest_yourai.estimate import IN_FLIGHT_MODES
-
-DEFAULT_LOG = "benchmark_log.jsonl"
-DEFAULT_TIMEOUT_S = 300.0
-DEFAULT_SAFETY_GB = 2.0
+from pytest_yourai.fields import DEFAULT_LOG, DEFAULT_SAFETY_GB, DEFAULT_TIMEOUT_S, IN_FLIGHT_MODES
 
 
 @dataclass(frozen=True)
@@ -114,8 +111,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "--yourai-config",
         "yourai_config",
-        "config policy: seed (the seed's safe-config table) or fit (largest batch, rank, "
-        "layers whose conservative estimate fits)",
+        "config policy: seed (the original Rust CLI's safe-config table) or fit (largest "
+        "batch, rank, layers whose conservative estimate fits)",
         "choice",
         "seed",
         CONFIG_POLICIES,
@@ -311,28 +308,70 @@ def _as_bool(value: Any, source: str) -> bool:
     raise YouraiUsageError(f"{source}: expected true or false, got {value!r}")
 
 
-def resolve(config: pytest.Config) -> Settings:
-    by_dest = {option.dest: option for option in OPTIONS}
+def _as_names(value: Any, source: str) -> tuple[str, ...]:
+    text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise YouraiUsageError(f"{source}: expected preset names, got {value!r}")
+    return names
 
-    def get(dest: str, convert: Callable[[Any, str], Any]) -> Any:
-        value, source = _raw(config, by_dest[dest])
+
+def _as_command(value: Any, source: str) -> tuple[str, ...]:
+    try:
+        argv = tuple(shlex.split(str(value)))
+    except ValueError as exc:
+        raise YouraiUsageError(f"{source}: cannot parse command {value!r}: {exc}") from None
+    if not argv:
+        raise YouraiUsageError(f"{source}: empty command")
+    return argv
+
+
+def _as_percent(value: Any, source: str) -> float:
+    text = str(value).strip()
+    number = _as_float(text[:-1] if text.endswith("%") else text, source)
+    return number / 100
+
+
+def _as_positive(value: Any, source: str) -> float:
+    return _as_float(value, source, allow_zero=False)
+
+
+class _Reader:
+    """Each option's value, from the command line or the ini file, converted so that an
+    error names where it came from."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.by_dest = {option.dest: option for option in OPTIONS}
+        self.invocation = Path(config.invocation_params.dir)
+        # Paths from an ini file are relative to that file, as pytest's own "paths" ini type.
+        inipath = config.inipath
+        self.ini_dir = Path(inipath).parent if inipath is not None else self.invocation
+
+    def get(self, dest: str, convert: Callable[[Any, str], Any]) -> Any:
+        value, source = _raw(self.config, self.by_dest[dest])
         return None if value is None else convert(value, source)
 
-    invocation = Path(config.invocation_params.dir)
-
-    # Paths from an ini file are relative to that file, as pytest's own "paths" ini type.
-    ini_dir = Path(config.inipath).parent if config.inipath is not None else invocation
-
-    def as_path(value: Any, source: str) -> Path:
+    def path(self, value: Any, source: str) -> Path:
         text = str(value).strip()
         if not text:
             raise YouraiUsageError(f"{source}: expected a path, got an empty value")
         path = Path(text).expanduser()
-        base = ini_dir if source.startswith("ini ") else invocation
+        base = self.ini_dir if source.startswith("ini ") else self.invocation
         return path if path.is_absolute() else base / path
 
-    def as_choice(dest: str) -> Callable[[Any, str], str]:
-        choices = by_dest[dest].choices
+    def plot(self, value: Any, source: str) -> Path:
+        path = self.path(value, source)
+        if path.suffix.lower() not in (".png", ".svg"):
+            raise YouraiUsageError(f"{source}: plot file must end in .png or .svg, got {value!r}")
+        if importlib.util.find_spec("matplotlib") is None:
+            raise YouraiUsageError(
+                f"{source}: plotting needs matplotlib: pip install 'pytest-yourai[plot]'"
+            )
+        return path
+
+    def choice(self, dest: str) -> str:
+        choices = self.by_dest[dest].choices
 
         def convert(value: Any, source: str) -> str:
             text = str(value).strip()
@@ -342,64 +381,55 @@ def resolve(config: pytest.Config) -> Settings:
                 )
             return text
 
-        return convert
+        return str(self.get(dest, convert))
 
-    def as_names(value: Any, source: str) -> tuple[str, ...]:
-        text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
-        names = tuple(n.strip() for n in text.split(",") if n.strip())
-        if not names:
-            raise YouraiUsageError(f"{source}: expected preset names, got {value!r}")
-        return names
 
-    def as_command(value: Any, source: str) -> tuple[str, ...]:
-        try:
-            argv = tuple(shlex.split(str(value)))
-        except ValueError as exc:
-            raise YouraiUsageError(f"{source}: cannot parse command {value!r}: {exc}") from None
-        if not argv:
-            raise YouraiUsageError(f"{source}: empty command")
-        return argv
-
-    def as_percent(value: Any, source: str) -> float:
-        text = str(value).strip()
-        number = _as_float(text[:-1] if text.endswith("%") else text, source)
-        return number / 100
-
-    def as_plot(value: Any, source: str) -> Path:
-        path = as_path(value, source)
-        if path.suffix.lower() not in (".png", ".svg"):
-            raise YouraiUsageError(f"{source}: plot file must end in .png or .svg, got {value!r}")
-        try:
-            import matplotlib  # type: ignore[import-not-found,unused-ignore]  # noqa: F401
-        except ImportError:
-            raise YouraiUsageError(
-                f"{source}: plotting needs matplotlib: pip install 'pytest-yourai[plot]'"
-            ) from None
-        return path
-
-    timeout_s = get("yourai_timeout", lambda v, s: _as_float(v, s, allow_zero=False))
-    baseline_dir = (
-        get("yourai_baseline_dir", as_path) or Path(config.rootpath) / ".yourai" / "baselines"
-    )
+def resolve(config: pytest.Config) -> Settings:
+    read = _Reader(config)
+    get = read.get
+    baseline_dir = get("yourai_baseline_dir", read.path)
     return Settings(
         force=bool(get("yourai_force", _as_bool)),
-        log_path=get("yourai_log", as_path),
-        presets_file=get("yourai_presets_file", as_path),
-        preset_names=get("yourai_presets", as_names),
-        timeout_s=timeout_s,
+        log_path=get("yourai_log", read.path),
+        presets_file=get("yourai_presets_file", read.path),
+        preset_names=get("yourai_presets", _as_names),
+        timeout_s=get("yourai_timeout", _as_positive),
         safety_gb=get("yourai_safety_gb", _as_float),
-        max_memory_gb=get("yourai_max_memory", lambda v, s: _as_float(v, s, allow_zero=False)),
-        probe_command=get("yourai_probe_command", as_command),
+        max_memory_gb=get("yourai_max_memory", _as_positive),
+        probe_command=get("yourai_probe_command", _as_command),
         estimate_only=bool(get("yourai_estimate_only", _as_bool)),
-        config_policy=get("yourai_config", as_choice("yourai_config")),
-        in_flight=get("yourai_in_flight", as_choice("yourai_in_flight")),
-        json_path=get("yourai_json", as_path),
-        plot_path=get("yourai_plot", as_plot),
+        config_policy=read.choice("yourai_config"),
+        in_flight=read.choice("yourai_in_flight"),
+        json_path=get("yourai_json", read.path),
+        plot_path=get("yourai_plot", read.plot),
         baseline_save=bool(get("yourai_baseline_save", _as_bool)),
         baseline_compare=bool(get("yourai_baseline_compare", _as_bool)),
         baseline_require=bool(get("yourai_baseline_require", _as_bool)),
-        fail_on_growth=get("yourai_fail_on_growth", as_percent),
-        baseline_dir=baseline_dir,
+        fail_on_growth=get("yourai_fail_on_growth", _as_percent),
+        baseline_dir=baseline_dir or Path(config.rootpath) / ".yourai" / "baselines",
         search=bool(get("yourai_search", _as_bool)),
         sources={option.dest: _raw(config, option)[1] for option in OPTIONS},
     )
+
+
+# -- the yourai marker -----------------------------------------------------------------
+
+MARKER_KEYWORDS = ("max_peak_gb",)
+MARKER_HELP = (
+    "yourai(max_peak_gb=None): a pytest-yourai benchmark; max_peak_gb fails a preset whose "
+    "measured peak exceeds it"
+)
+
+
+def check_marker(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> str | None:
+    """What is wrong with a ``@pytest.mark.yourai(...)``, as the rest of the error line."""
+    unknown = sorted(set(kwargs) - set(MARKER_KEYWORDS))
+    if args or unknown:
+        what = ", ".join(unknown) if unknown else "positional arguments"
+        return f": unknown {what}; it takes {', '.join(MARKER_KEYWORDS)}"
+    budget = kwargs.get("max_peak_gb")
+    if budget is not None and (
+        not isinstance(budget, int | float) or isinstance(budget, bool) or budget <= 0
+    ):
+        return f"(max_peak_gb={budget!r}): expected a positive number of GB"
+    return None

@@ -188,7 +188,7 @@ def test_pytest_timeout_firing_first_still_cleans_up(bench: pytest.Pytester) -> 
     probe = write_fake_probe(bench.path, WITH_GRANDCHILD + "time.sleep(300)\n")
     bench.makeconftest(
         """
-import pytest_yourai.session as s
+import pytest_yourai.timelimits as s
 s.PYTEST_TIMEOUT_MARGIN_S = -10.0  # let pytest-timeout win the race
 """
     )

@@ -89,8 +89,8 @@ def test_a_mac_size_is_what_macos_gives_the_gpu(
     reports no working set decides as the map's 16 GB column does."""
     if psutil.virtual_memory().available < 12 * 2**30:
         pytest.skip("needs more free memory than a 16 GB Mac's working set")
+    import pytest_yourai.machine as session_module
     import pytest_yourai.memory as memory_module
-    import pytest_yourai.session as session_module
     from pytest_yourai.memory import MlxStatus
 
     monkeypatch.setattr(memory_module, "detect_backend", lambda: "metal")

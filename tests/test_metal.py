@@ -116,7 +116,7 @@ def test_preflight_on_metal_uses_the_working_set(
     monkeypatch.setattr(memory_module, "detect_backend", lambda: "metal")
     monkeypatch.setattr(memory_module, "_metal_device_info", lambda: dict(M1_16GB))
     monkeypatch.setattr(memory_module, "_DEVICE_INFO", None)
-    import pytest_yourai.session as session_module
+    import pytest_yourai.machine as session_module
     from pytest_yourai.memory import MlxStatus
 
     monkeypatch.setattr(session_module, "mlx_status", lambda *_: MlxStatus(True, "metal"))
