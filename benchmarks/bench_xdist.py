@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import read_jsonl
+
 from pytest_yourai.presets import builtin_presets
 
 TEST = "def test_lora_memory(yourai_benchmark):\n    yourai_benchmark.run()\n"
@@ -80,7 +82,7 @@ def main() -> int:
             base += ["--yourai-probe-command", f"{sys.executable} fake_probe.py"]
         serial = timed([*base, "--yourai-log", "serial.jsonl"], work)
         parallel = timed([*base, "-n", str(args.workers), "--yourai-log", "parallel.jsonl"], work)
-        records = [json.loads(line) for line in (work / "parallel.jsonl").read_text().splitlines()]
+        records = read_jsonl(work / "parallel.jsonl")
     admitted = [r for r in records if r["event"] == "probe_admitted"]
     waits = sum(1 for r in records if r["event"] == "probe_waiting")
     largest = max((r["total_reserved_gb"] for r in admitted), default=0.0)

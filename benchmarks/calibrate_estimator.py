@@ -1,9 +1,10 @@
 """Fit the estimator's per-backend coefficients to probe measurements.
 
-    python benchmarks/calibrate_estimator.py --backend cuda \
-        --graph benchmarks/results/h100-window-shut-grid.jsonl \
-        --window benchmarks/results/h100-{seed-presets,accuracy-grid,validation-grid}.jsonl \
-                 benchmarks/results/h100-{sweep-grid,lab-grid,lab-repeat}.jsonl
+    cd benchmarks && python calibrate_estimator.py --backend cuda \
+        --graph results/h100-window-shut-grid.jsonl \
+                results/h100-holdout-bounded-sequential.jsonl results/h100-gc-lab.jsonl
+    cd benchmarks && python calibrate_estimator.py --backend cuda --footprint \
+        results/h200-footprint-bounded.jsonl results/h200-footprint-alone.jsonl --write
 
 What is fitted is what the estimator cannot derive exactly (weights, LoRA parameters,
 gradients and Adam state are exact). Two parts, two kinds of run:
@@ -19,8 +20,12 @@ gradients and Adam state are exact). Two parts, two kinds of run:
   (Nelder-Mead from a grid of starts). The envelope (used by the conservative estimate) is
   the least window, by linear programming, that is at least every measured window.
 
-Prints the CALIBRATION entry to paste into ``pytest_yourai/estimate.py`` and the errors.
-``--holdout`` files are reported with the fitted coefficients but not fitted.
+Prints the fitted coefficients and the errors; nothing is written unless ``--write`` is given,
+which stores the fit in ``pytest_yourai/calibration.json``, the package data the estimator
+loads (CALIBRATION, BACKEND_OVERHEAD, the envelope margin): no coefficient is pasted by hand.
+``benchmarks/results/manifest.json`` ("calibration") lists the commands that made the
+committed file, in order. ``--holdout`` files are reported with the fitted coefficients but
+not fitted.
 """
 
 from __future__ import annotations
@@ -33,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from estimate_accuracy import architecture, shape_of
+from estimate_accuracy import shape_of
+from results_io import architecture, canonical, read_records
 from scipy.optimize import least_squares, nnls
 
-from pytest_yourai.estimate import (
+from pytest_yourai.estimator import (
     BACKEND_OVERHEAD,
-    BACKENDS,
     CALIBRATION,
     CALIBRATION_FILE,
     CHECKPOINT_MARGIN,
@@ -55,6 +60,7 @@ from pytest_yourai.estimate import (
     window_bytes,
     window_class,
 )
+from pytest_yourai.fields import BACKENDS
 from pytest_yourai.preflight import estimate_with_census
 
 
@@ -70,20 +76,18 @@ def load(
     Results from before the probe's ``--in-flight`` get ``legacy_in_flight``; with
     ``in_flight`` set, runs of the other mode are left out."""
     records: dict[str, dict[str, Any]] = {}
-    for path in paths:
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            result = record.get("result", {})
-            if (
-                result.get("status") == "ok"
-                and result.get("backend") == backend
-                and is_mixture_of_experts(architecture(record["grid"])) == moe
-            ):
-                result["config"].setdefault("in_flight", legacy_in_flight)
-                if in_flight is not None and result["config"]["in_flight"] != in_flight:
-                    continue
-                key = json.dumps([architecture(record["grid"]), result["config"]], sort_keys=True)
-                records[key] = record
+    for record in read_records(paths):
+        result = record.get("result", {})
+        if (
+            result.get("status") == "ok"
+            and result.get("backend") == backend
+            and is_mixture_of_experts(architecture(record["grid"])) == moe
+        ):
+            result["config"].setdefault("in_flight", legacy_in_flight)
+            if in_flight is not None and result["config"]["in_flight"] != in_flight:
+                continue
+            key = canonical([architecture(record["grid"]), result["config"]])
+            records[key] = record
     return list(records.values())
 
 

@@ -1,7 +1,8 @@
 """On CPU, the estimate against ``mlx_lm.lora`` itself: its peak resident set size.
 
-    python benchmarks/cpu_lora_rss.py benchmarks/grids/cpu_lora_rss.jsonl \
+    python benchmarks/cpu_lora_rss.py run benchmarks/grids/cpu_lora_rss.jsonl \
         --out benchmarks/results/cpu-lora-rss.jsonl
+    python benchmarks/cpu_lora_rss.py report benchmarks/results/cpu-lora-rss.jsonl
 
 For each grid line: save synthetic weights of the line's shapes with a small tokenizer and
 equal-length rows (benchmarks/save_synthetic_model.py), run ``python -m mlx_lm lora`` on
@@ -26,7 +27,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from estimate_accuracy import architecture, grid_shape, probe_argv  # noqa: E402
+from estimate_accuracy import grid_shape, probe_argv  # noqa: E402
+from results_io import append_record, architecture, read_grid, read_records  # noqa: E402
+from save_synthetic_model import lora_command  # noqa: E402
 
 from pytest_yourai.preflight import estimate_with_census  # noqa: E402
 
@@ -43,8 +46,7 @@ def child_peak_rss_gb(argv: list[str]) -> tuple[int, float, str]:
 
 
 def run(grid: Path, out: Path) -> int:
-    entries = [json.loads(line) for line in grid.read_text().splitlines() if line.strip()]
-    for entry in entries:
+    for entry in read_grid(grid):
         with tempfile.TemporaryDirectory(prefix="yourai-lora-rss-") as scratch:
             model = Path(scratch) / "model"
             save = [sys.executable, str(HERE / "save_synthetic_model.py"), json.dumps(entry)]
@@ -62,8 +64,7 @@ def run(grid: Path, out: Path) -> int:
         line = [x for x in probe.stdout.splitlines() if x.startswith("BENCHMARK_RESULT:")][-1]
         result = json.loads(line.split(":", 1)[1])
         record = {"grid": entry, "mlx_lm_lora": measured, "probe": result}
-        with open(out, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_record(out, record)
         print(
             f"{entry.get('preset') or entry.get('config')}: mlx_lm.lora RSS "
             f"{measured['peak_rss_gb']:.3f} GB, probe footprint {result.get('train_footprint_gb')}",
@@ -74,61 +75,28 @@ def run(grid: Path, out: Path) -> int:
 
 def child(entry: dict[str, Any], model: Path) -> int:
     """In its own process, so that RUSAGE_CHILDREN holds only mlx_lm.lora's peak."""
-    argv = [
-        sys.executable,
-        "-m",
-        "mlx_lm",
-        "lora",
-        "--model",
-        str(model),
-        "--train",
-        "--data",
-        str(model / "data"),
-        "--batch-size",
-        str(entry["batch_size"]),
-        "--iters",
-        "4",
-        "--num-layers",
-        str(entry["lora_layers"]),
-        "--steps-per-report",
-        "1",
-        "--steps-per-eval",
-        "1000",
-        "--val-batches",
-        "1",
-        "--adapter-path",
-        str(model / "adapters"),
-        "--max-seq-length",
-        str(int(entry["seq_len"]) + 1),
-        "-c",
-        str(model / "lora.yaml"),
-    ]
-    if entry.get("grad_checkpoint"):
-        argv.append("--grad-checkpoint")
-    code, peak, tail = child_peak_rss_gb(argv)
+    code, peak, tail = child_peak_rss_gb(lora_command(entry, model))
     print(json.dumps({"exit_code": code, "peak_rss_gb": round(peak, 6), "tail": tail}))
     return 0
 
 
 def report(paths: list[Path]) -> int:
     errors, covered, rows = [], 0, 0
-    for path in paths:
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            entry, lora = record["grid"], record["mlx_lm_lora"]
-            if lora["exit_code"] != 0:
-                continue
-            est = estimate_with_census(architecture(entry), grid_shape(entry, "cpu"))
-            rss = float(lora["peak_rss_gb"])
-            errors.append((est.estimated_base_gb - rss) / rss * 100)
-            covered += est.estimated_conservative_gb >= rss
-            rows += 1
-            print(
-                f"{entry.get('preset') or entry.get('config')} b{entry['batch_size']} "
-                f"s{entry['seq_len']}: mlx_lm.lora {rss:.3f} GB, probe "
-                f"{record['probe'].get('train_footprint_gb')}, estimate "
-                f"{est.estimated_base_gb:.3f}-{est.estimated_conservative_gb:.3f}"
-            )
+    for record in read_records(paths):
+        entry, lora = record["grid"], record["mlx_lm_lora"]
+        if lora["exit_code"] != 0:
+            continue
+        est = estimate_with_census(architecture(entry), grid_shape(entry, "cpu"))
+        rss = float(lora["peak_rss_gb"])
+        errors.append((est.estimated_base_gb - rss) / rss * 100)
+        covered += est.estimated_conservative_gb >= rss
+        rows += 1
+        print(
+            f"{entry.get('preset') or entry.get('config')} b{entry['batch_size']} "
+            f"s{entry['seq_len']}: mlx_lm.lora {rss:.3f} GB, probe "
+            f"{record['probe'].get('train_footprint_gb')}, estimate "
+            f"{est.estimated_base_gb:.3f}-{est.estimated_conservative_gb:.3f}"
+        )
     print(
         f"{rows} runs: base vs mlx_lm.lora's peak RSS median |e| "
         f"{statistics.median(map(abs, errors)):.1f}%, max {max(map(abs, errors)):.1f}%; "

@@ -8,8 +8,9 @@
 ``run`` spawns ``python -m pytest_yourai.probe`` once per grid line (each in its own process,
 under the plugin's supervisor and timeout) and appends one JSON line per run to ``--out``:
 the grid entry, the probe's exact command line, its BENCHMARK_RESULT and the machine. Lines
-already in ``--out`` are skipped, so an interrupted grid resumes. ``--jobs N`` runs N probes
-at once while their conservative estimates fit ``--budget-gb``.
+already in ``--out`` are skipped, so an interrupted grid resumes (results_io.py). ``--jobs N``
+runs N probes at once while their conservative estimates fit ``--budget-gb``. Which command and
+grid made each committed results file: benchmarks/results/manifest.json.
 
 ``report`` recomputes the estimate of every measured run with the current estimator and
 prints, per backend: the median and max absolute % error of estimated_base_gb against the
@@ -20,7 +21,6 @@ peak, and the seed formula's (2 + 1.8·P, 2 + 2.2·P GB) figures on the same run
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -31,15 +31,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from pytest_yourai.estimate import (
-    BACKENDS,
-    IN_FLIGHT_MODES,
-    TrainingShape,
-    seed_estimate_gb,
+from results_io import (
+    append_record,
+    architecture,
+    canonical,
+    pending,
+    read_grid,
+    read_records,
 )
+
+from pytest_yourai.estimator import TrainingShape, seed_estimate_gb
+from pytest_yourai.fields import BACKENDS, IN_FLIGHT_MODES
 from pytest_yourai.preflight import estimate_with_census
-from pytest_yourai.presets import builtin_presets, count_parameters
-from pytest_yourai.runner import ProbeProcess
+from pytest_yourai.presets import count_parameters
+from pytest_yourai.supervisor import ProbeProcess
 
 HERE = Path(__file__).resolve().parent
 RUN_FIELDS = (
@@ -53,12 +58,6 @@ RUN_FIELDS = (
     "steps",
     "in_flight",
 )
-
-
-def architecture(entry: dict[str, Any]) -> dict[str, Any]:
-    if "preset" in entry:
-        return dict(builtin_presets()[entry["preset"]].architecture)
-    return dict(json.loads((HERE / entry["config"]).read_text()))
 
 
 def entry_name(entry: dict[str, Any]) -> str:
@@ -182,10 +181,7 @@ def run(
     Each probe is its own process and MLX's peak counter is per process. With the probe's
     default ``--in-flight bounded`` running probes side by side does not change what each one
     measures; with ``in_flight: mlx`` it does (a busy GPU lets more work queue up)."""
-    entries = [json.loads(line) for line in grid.read_text().splitlines() if line.strip()]
-    if out.exists():  # resume: skip what --out already holds
-        done = [json.loads(line).get("grid") for line in out.read_text().splitlines() if line]
-        entries = [entry for entry in entries if entry not in done]
+    entries = pending(read_grid(grid), out)  # resume: skip what --out already holds
     budget = MemoryBudget(budget_gb) if jobs > 1 else None
     write_lock = threading.Lock()
     sampler = DeviceSampler() if nvidia_smi else None
@@ -238,8 +234,7 @@ def run(
         if sampler is not None:
             record["nvidia_smi"] = device_check(sampler, result, idle, alone)
         with write_lock:
-            with open(out, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_record(out, record)
         peak = result.get("train_peak_memory_gb")
         print(
             f"    [{index}] -> {result.get('status')} train_peak={peak} GB "
@@ -277,15 +272,12 @@ def shape_of(record: dict[str, Any], legacy_in_flight: str = "mlx") -> TrainingS
 
 
 def report(paths: list[Path], legacy_in_flight: str = "mlx") -> int:
-    records = []
-    for path in paths:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                record = json.loads(line)
-                if "result" not in record:
-                    continue  # not a grid result (an event log, say)
-                if record["result"].get("status") == "ok":
-                    records.append(record)
+    records = [
+        record
+        for record in read_records(paths)
+        # "result" is missing from what is not a grid result (an event log, say)
+        if record.get("result", {}).get("status") == "ok"
+    ]
     by_backend: dict[str, list[tuple[float, float, float, float, float, str]]] = {}
     print(
         f"{'run':<44} {'backend':<7} {'measured':>9} {'base':>8} {'err%':>7} "
@@ -337,12 +329,11 @@ def repeat(first: Path, second: Path) -> int:
 
     def peaks(path: Path) -> dict[str, tuple[str, float]]:
         out = {}
-        for line in path.read_text().splitlines():
-            record = json.loads(line) if line.strip() else {}
+        for record in read_records([path]):
             result = record.get("result", {})
             if result.get("status") == "ok":
                 mode = str(result["config"].get("in_flight", "mlx"))
-                key = json.dumps(record["grid"], sort_keys=True)
+                key = canonical(record["grid"])
                 out[key] = (mode, float(result["train_peak_memory_gb"]))
         return out
 
@@ -361,31 +352,29 @@ def repeat(first: Path, second: Path) -> int:
 def timing(paths: list[Path]) -> int:
     """Replay the plugin's time model (throughput.py) over probes run one after another: each
     probe's time as predicted from the ones before it, against what it took."""
-    from pytest_yourai.estimate import training_flops, weight_bytes
+    from pytest_yourai.estimator import training_flops, weight_bytes
     from pytest_yourai.throughput import fit, observe
 
     seen = []
     ratios = []
-    for path in paths:
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            result = record.get("result", {})
-            if result.get("status") != "ok":
-                continue
-            arch, shape = architecture(record["grid"]), shape_of(record)
-            flops = training_flops(arch, shape)
-            weights = weight_bytes(arch, shape.bits, shape.group_size, shape.dtype) / 1e9
-            model = fit(seen)
-            steps = len(result["step_seconds"])
-            predicted = model.predict(flops, weights, steps) if model else None
-            took = float(record["elapsed_s"])
-            if predicted:
-                ratios.append(took / predicted)
-            shown = "first probe" if predicted is None else f"predicted {predicted:6.1f} s"
-            print(f"{record['name']:<28} {shape.in_flight:<8} took {took:6.1f} s, {shown}")
-            observation = observe(flops, weights, took, result["step_seconds"])
-            if observation is not None:
-                seen.append(observation)
+    for record in read_records(paths):
+        result = record.get("result", {})
+        if result.get("status") != "ok":
+            continue
+        arch, shape = architecture(record["grid"]), shape_of(record)
+        flops = training_flops(arch, shape)
+        weights = weight_bytes(arch, shape.bits, shape.group_size, shape.dtype) / 1e9
+        model = fit(seen)
+        steps = len(result["step_seconds"])
+        predicted = model.predict(flops, weights, steps) if model else None
+        took = float(record["elapsed_s"])
+        if predicted:
+            ratios.append(took / predicted)
+        shown = "first probe" if predicted is None else f"predicted {predicted:6.1f} s"
+        print(f"{record['name']:<28} {shape.in_flight:<8} took {took:6.1f} s, {shown}")
+        observation = observe(flops, weights, took, result["step_seconds"])
+        if observation is not None:
+            seen.append(observation)
     if ratios:
         print(f"actual / predicted after the first probe: {min(ratios):.2f}-{max(ratios):.2f}")
     return 0

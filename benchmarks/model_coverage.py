@@ -57,7 +57,7 @@ HELPERS = frozenset(
 sys.path.insert(0, str(ROOT))
 
 from pytest_yourai.census import Census, EstimateRefused  # noqa: E402
-from pytest_yourai.estimate import (  # noqa: E402
+from pytest_yourai.estimator import (  # noqa: E402
     FORMULA_MODEL_TYPES,
     TrainingShape,
     estimate_training_memory,

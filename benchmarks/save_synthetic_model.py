@@ -4,7 +4,8 @@ byte-level BPE tokenizer, equal-length training rows and a LoRA config.
 
     python benchmarks/save_synthetic_model.py '{"preset": "hermes-mistral-7b", ...}' DIR
 
-Used by benchmarks/survival.py (``--lora-reference``) to run mlx_lm.lora itself.
+Used by benchmarks/survival.py (``--lora-reference``) and benchmarks/cpu_lora_rss.py to run
+mlx_lm.lora itself (``lora_command``: its command line on such a directory).
 """
 
 from __future__ import annotations
@@ -12,18 +13,56 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent / "tests" / "scripts"))
+
+
+def lora_command(entry: dict[str, Any], model_dir: Path) -> list[str]:
+    """``python -m mlx_lm lora``: 4 steps of the grid line's batch, adapted layers and
+    sequence length on a directory this script saved (its data, adapters and LoRA config)."""
+    argv = [
+        sys.executable,
+        "-m",
+        "mlx_lm",
+        "lora",
+        "--model",
+        str(model_dir),
+        "--train",
+        "--data",
+        str(model_dir / "data"),
+        "--batch-size",
+        str(entry["batch_size"]),
+        "--iters",
+        "4",
+        "--num-layers",
+        str(entry["lora_layers"]),
+        "--steps-per-report",
+        "1",
+        "--steps-per-eval",
+        "1000",
+        "--val-batches",
+        "1",
+        "--adapter-path",
+        str(model_dir / "adapters"),
+        "--max-seq-length",
+        str(int(entry["seq_len"]) + 1),
+        "-c",
+        str(model_dir / "lora.yaml"),
+    ]
+    if entry.get("grad_checkpoint"):
+        argv.append("--grad-checkpoint")
+    return argv
 
 
 def main() -> int:
+    sys.path.insert(0, str(HERE.parent))
+    sys.path.insert(0, str(HERE.parent / "tests" / "scripts"))
     entry, directory = json.loads(sys.argv[1]), Path(sys.argv[2])
     import mlx.core as mx
     from lora_reference import make_data, make_model_dir
     from mlx.utils import tree_flatten
-    from survival import architecture
+    from results_io import architecture
 
     from pytest_yourai.probe import MemoryCap, build_model
 

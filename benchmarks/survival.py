@@ -36,8 +36,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from results_io import append_record, architecture, canonical, done_keys, read_grid, read_records
+from save_synthetic_model import lora_command
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))  # the package of this checkout, installed or not
 TEST_FILE = HERE / "test_lora_memory.py"
 PIN_FIELDS = ("batch_size", "lora_rank", "lora_layers", "seq_len", "bits", "grad_checkpoint")
 SAFETY_GB = 2.0
@@ -117,15 +121,6 @@ class Holder:
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait()
-
-
-def architecture(entry: dict[str, Any]) -> dict[str, Any]:
-    sys.path.insert(0, str(ROOT))
-    from pytest_yourai.presets import builtin_presets
-
-    if "preset" in entry:
-        return dict(builtin_presets()[entry["preset"]].architecture)
-    return dict(json.loads((HERE / entry["config"]).read_text()))
 
 
 SHORT = {"batch_size": "b", "lora_rank": "r", "lora_layers": "L", "seq_len": "s", "bits": "q"}
@@ -285,37 +280,7 @@ def lora_reference(entry: dict[str, Any], holder: Holder, work: Path, go_gb: flo
     if build.returncode != 0:
         return {"error": "could not save the model", "tail": build.stderr[-1500:]}
     free_before = holder.leave_free(go_gb)
-    argv = [
-        sys.executable,
-        "-m",
-        "mlx_lm",
-        "lora",
-        "--model",
-        str(model_dir),
-        "--train",
-        "--data",
-        str(model_dir / "data"),
-        "--batch-size",
-        str(entry["batch_size"]),
-        "--iters",
-        "4",
-        "--num-layers",
-        str(entry["lora_layers"]),
-        "--steps-per-report",
-        "1",
-        "--steps-per-eval",
-        "1000",
-        "--val-batches",
-        "1",
-        "--adapter-path",
-        str(model_dir / "adapters"),
-        "--max-seq-length",
-        str(int(entry["seq_len"]) + 1),
-        "-c",
-        str(model_dir / "lora.yaml"),
-    ]
-    if entry.get("grad_checkpoint"):
-        argv.append("--grad-checkpoint")
+    argv = lora_command(entry, model_dir)
     env = dict(os.environ)
     if entry["in_flight"] == "bounded":
         env.update(MLX_MAX_OPS_PER_BUFFER="1", MLX_MAX_MB_PER_BUFFER="1")
@@ -339,31 +304,29 @@ def report(paths: list[Path]) -> int:
     import statistics
 
     base_errors, peak_errors, ratios, smi = [], [], [], []
-    for path in paths:
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            row = record.get("row") or {}
-            lora = record.get("mlx_lm_lora") or {}
-            print(
-                f"{record['name']:<38} {record['grid']['in_flight']:<7} {record['level']:<4} "
-                f"free {record['free_before_gb']:>7.3f} (go {record['go_threshold_gb']:.3f}) -> "
-                f"{record['verdict']:<7} footprint {row.get('footprint_peak_gb')} "
-                f"estimate {record['estimated_base_gb']}-{record['estimated_conservative_gb']}"
-                + (f" | mlx_lm.lora survived: {lora.get('survived')}" if lora else "")
-            )
-            footprint = row.get("footprint_peak_gb")
-            if record["level"] != "go" or not isinstance(footprint, int | float):
-                continue
-            entry = record["grid"]
-            presets_file, name = write_preset(entry, Path(tempfile.mkdtemp()))
-            estimate = preflight_estimate(presets_file, name, str(entry["in_flight"]))
-            base_errors.append((estimate.estimated_base_gb - footprint) / footprint * 100)
-            ratios.append(estimate.estimated_conservative_gb / footprint)
-            peak = float(row["train_peak_memory_gb"])
-            peak_errors.append((estimate.mlx_peak_gb - peak) / peak * 100)
-            if record.get("nvidia_smi_peak_above_start_gb"):
-                seen = float(record["nvidia_smi_peak_above_start_gb"])
-                smi.append((footprint - seen) / seen * 100)
+    for record in read_records(paths):
+        row = record.get("row") or {}
+        lora = record.get("mlx_lm_lora") or {}
+        print(
+            f"{record['name']:<38} {record['grid']['in_flight']:<7} {record['level']:<4} "
+            f"free {record['free_before_gb']:>7.3f} (go {record['go_threshold_gb']:.3f}) -> "
+            f"{record['verdict']:<7} footprint {row.get('footprint_peak_gb')} "
+            f"estimate {record['estimated_base_gb']}-{record['estimated_conservative_gb']}"
+            + (f" | mlx_lm.lora survived: {lora.get('survived')}" if lora else "")
+        )
+        footprint = row.get("footprint_peak_gb")
+        if record["level"] != "go" or not isinstance(footprint, int | float):
+            continue
+        entry = record["grid"]
+        presets_file, name = write_preset(entry, Path(tempfile.mkdtemp()))
+        estimate = preflight_estimate(presets_file, name, str(entry["in_flight"]))
+        base_errors.append((estimate.estimated_base_gb - footprint) / footprint * 100)
+        ratios.append(estimate.estimated_conservative_gb / footprint)
+        peak = float(row["train_peak_memory_gb"])
+        peak_errors.append((estimate.mlx_peak_gb - peak) / peak * 100)
+        if record.get("nvidia_smi_peak_above_start_gb"):
+            seen = float(record["nvidia_smi_peak_above_start_gb"])
+            smi.append((footprint - seen) / seen * 100)
     if base_errors:
         base = [abs(e) for e in base_errors]
         peak = [abs(e) for e in peak_errors]
@@ -395,12 +358,8 @@ def main() -> int:
         help="scratch directory, kept between reruns (its pytest cache holds the timings)",
     )
     args = parser.parse_args()
-    entries = [json.loads(line) for line in args.grid.read_text().splitlines() if line.strip()]
-    done = set()
-    if args.out.exists():
-        for line in args.out.read_text().splitlines():
-            record = json.loads(line)
-            done.add(json.dumps([record["grid"], record["level"]], sort_keys=True))
+    entries = read_grid(args.grid)
+    done = done_keys(args.out, lambda record: [record["grid"], record["level"]])
     levels = [level.strip() for level in args.levels.split(",")]
     holder = Holder()
     sys.path.insert(0, str(HERE))
@@ -415,8 +374,7 @@ def main() -> int:
             for level in levels:
                 if level != "go" and (not entry.get(f"level_{level}", True) or not footprint):
                     continue
-                key = json.dumps([entry, level], sort_keys=True)
-                if key in done:
+                if canonical([entry, level]) in done:
                     continue
                 record = attempt(entry, level, holder, work, footprint, sampler)
                 row = record.get("row") or {}
@@ -426,8 +384,7 @@ def main() -> int:
                         record["mlx_lm_lora"] = lora_reference(
                             entry, holder, work, record["go_threshold_gb"]
                         )
-                with open(args.out, "a", encoding="utf-8") as handle:
-                    handle.write(json.dumps(record) + "\n")
+                append_record(args.out, record)
                 print(
                     f"{record['name']} {entry['in_flight']} {level}: free "
                     f"{record['free_before_gb']} GB (go {record['go_threshold_gb']}) -> "
