@@ -66,6 +66,14 @@ def load(directory: Path, machine: str) -> dict[str, Any]:
     return presets if isinstance(presets, dict) else {}
 
 
+def load_all(directory: Path) -> dict[str, dict[str, Any]]:
+    """Every machine's baselines in the directory (machine id -> presets): what the xdist
+    controller sends its workers, so that no worker reads the controller's files."""
+    if not directory.is_dir():
+        return {}
+    return {path.stem: load(directory, path.stem) for path in sorted(directory.glob("*.json"))}
+
+
 def save(directory: Path, machine: str, peaks: Mapping[str, Mapping[str, Any]]) -> Path:
     """Merge ``peaks`` (preset -> {peak_memory_gb, config...}) into the machine's file."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -93,17 +101,21 @@ def save_passes(
     directory: Path, machine: str, rows: Iterable[ResultRow]
 ) -> tuple[Path, int] | None:
     """Store the MLX peak of every passed benchmark, keyed by preset, config and in-flight
-    mode; None when nothing passed with a peak."""
-    peaks = {
-        run_key(str(r.get("preset")), *(r.get(name) for name in KEY_FIELDS)): {
+    mode, in the file of the machine that ran it (``machine`` for a row that does not say;
+    across hosts, one file per kind of machine); the last file written and how many
+    peaks were stored, or None when nothing passed with a peak."""
+    per_machine: dict[str, dict[str, dict[str, Any]]] = {}
+    for r in rows:
+        if r.verdict != Verdict.PASS or not isinstance(r.get("peak_memory_gb"), int | float):
+            continue
+        key = run_key(str(r.get("preset")), *(r.get(name) for name in KEY_FIELDS))
+        per_machine.setdefault(str(r.get("machine_id") or machine), {})[key] = {
             "preset": r.get("preset"),
             "peak_memory_gb": r.get("peak_memory_gb"),
             "footprint_peak_gb": r.get("footprint_peak_gb"),
             **{name: r.get(name) for name in KEY_FIELDS},
         }
-        for r in rows
-        if r.verdict == Verdict.PASS and isinstance(r.get("peak_memory_gb"), int | float)
-    }
-    if not peaks:
+    if not per_machine:
         return None
-    return save(directory, machine, peaks), len(peaks)
+    paths = [save(directory, name, peaks) for name, peaks in per_machine.items()]
+    return paths[-1], sum(len(peaks) for peaks in per_machine.values())

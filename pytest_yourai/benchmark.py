@@ -277,7 +277,7 @@ class YouraiBenchmark:
         key = baseline.run_key(
             self.preset.name, *(getattr(shape, name) for name in baseline.KEY_FIELDS)
         )
-        old = baseline.load(settings.baseline_dir, self.session.machine.machine_id()).get(key)
+        old = self.session.baselines().get(key)
         if not isinstance(old, dict) or not isinstance(old.get("peak_memory_gb"), int | float):
             self.prop("baseline", "missing")
             if settings.baseline_require:

@@ -16,22 +16,25 @@ from typing import Any
 import pytest
 
 from pytest_yourai import baseline
-from pytest_yourai.eventlog import TEST_VERDICT
+from pytest_yourai.eventlog import TEST_VERDICT, WORKER_CRASHED
 from pytest_yourai.junit import (
     XUNIT2_WARNING,
     add_suite_properties,
     without_our_properties,
     xunit2_writer,
 )
+from pytest_yourai.presets import preset_records
+from pytest_yourai.relay import ControllerRelay
 from pytest_yourai.report import (
     baseline_lines,
+    crash_lines,
     item_lines,
     recommendation,
     result_entry,
     summary_table,
     write_outputs,
 )
-from pytest_yourai.results import ResultRow
+from pytest_yourai.results import PHASES, PROP_PREFIX, ResultRow
 from pytest_yourai.session import PRESET_ARG, YouraiSession
 
 
@@ -43,6 +46,8 @@ class ControllerHooks:
         self.benchmark_items: int | None = None
         self.finished = 0
         self.pytest_session: pytest.Session | None = None
+        self.relay = ControllerRelay(session.log, session.host)
+        self.crashes: list[dict[str, Any]] = []
 
     def show_header(self) -> None:
         """The yourai line, once benchmarks were collected (a run without any has none)."""
@@ -79,27 +84,52 @@ class ControllerHooks:
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_configure_node(self, node: Any) -> None:
-        """Every worker gets this run's id, and the controller's reading of memory (a
-        worker on the same host budgets from it)."""
-        node.workerinput["yourai_run_id"] = self.session.run_id
+        """Every worker gets this run's id and presets, the channel its events come back on, the
+        controller's reading of memory, whether MLX imports and its admission ledger (a
+        worker on the same host takes them), and the stored baselines (so it reads no file
+        of ours)."""
+        session = self.session
+        node.workerinput["yourai_run_id"] = session.run_id
+        node.workerinput["yourai_presets"] = preset_records(session.presets)
         node.workerinput["yourai_start_memory"] = {
-            "host": self.session.host,
-            "available_gb": self.session.machine.memory().available_gb,
+            "host": session.host,
+            "available_gb": session.machine.memory().available_gb,
+            "ledger_dir": str(session.ledger.path.parent),
+            "mlx": session.machine.mlx_record(),
         }
+        if session.settings.baseline_compare:
+            node.workerinput["yourai_baselines"] = baseline.load_all(session.settings.baseline_dir)
+        self.relay.open(node)
+
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        """A worker went down (not a clean finish): say so in the log, with its host, the
+        preset it was running and the last event it sent."""
+        if error is None:
+            return
+        fields = self.relay.crashed(str(node.gateway.id))
+        record = self.session.log.write_event(
+            WORKER_CRASHED, **fields, error=str(error).strip()[:500]
+        )
+        self.crashes.append(record)
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        row = self.session.results.record(
-            report.nodeid, report.when, report.outcome, report.user_properties
-        )
+        crashed = report.when not in PHASES and report.failed  # xdist: its worker crashed
+        props = list(report.user_properties)
+        preset = self.session.preset_of(report.nodeid)
+        if crashed and preset is not None:
+            props.append((PROP_PREFIX + "preset", preset))
+        row = self.session.results.record(report.nodeid, report.when, report.outcome, props)
         if row is None:
             return
-        if report.when == "teardown":
+        last = report.when == "teardown" or crashed
+        if last:
             self.finished_row(row)
         writer = xunit2_writer(self.session.config)
         if writer is not None:
             without_our_properties(report)
-            if report.when == "teardown":
+            if last:
                 add_suite_properties(writer, row)
                 self.warn_xunit2_once()
 
@@ -109,6 +139,7 @@ class ControllerHooks:
             TEST_VERDICT, preset=row.get("preset"), nodeid=row.nodeid, outcome=row.outcome,
             verdict=row.verdict,
         )  # fmt: skip
+        self.relay.finished(row.nodeid)
         config = self.session.config
         config.hook.pytest_yourai_result(config=config, result=result_entry(row))
 
@@ -148,6 +179,8 @@ class ControllerHooks:
             write(recommendation(rows))
         for line in baseline_lines(rows):
             write(line, yellow=True)
+        for line in crash_lines(self.crashes) + self.relay.problems:
+            write(line, red=True)
         if safety.reason:
             write(safety.reason, red=True)
         write(f"log: {self.session.settings.log_path}")

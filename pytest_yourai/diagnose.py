@@ -29,6 +29,7 @@ from pytest_yourai.eventlog import (
     SUBPROCESS_SPAWNED,
     SUBPROCESS_TIMEOUT,
     TEST_VERDICT,
+    WORKER_CRASHED,
 )
 from pytest_yourai.fields import DEFAULT_LOG
 from pytest_yourai.protocol import START, phase_of
@@ -39,6 +40,7 @@ OUTPUT_EVENTS = (
     SUBPROCESS_TIMEOUT,
     SUBPROCESS_FAILED,
     SAFETY_KILL,
+    WORKER_CRASHED,
     TEST_VERDICT,
 )
 
@@ -137,12 +139,37 @@ def outcome_of(event: dict[str, Any], earlier: str) -> str | None:
         return f"failed ({event.get('status', 'error')})"
     if kind == SAFETY_KILL:
         return "killed by the memory watchdog"
+    if kind == WORKER_CRASHED:
+        return f"its worker crashed ({where(event)})"
     if kind == TEST_VERDICT and event.get("outcome") == "failed":
         probe = f"; probe: {earlier}" if earlier.startswith("pass") else ""
         return f"test failed ({event.get('verdict')}){probe}"
     if kind == PREFLIGHT_CHECK and event.get("decision", "run") != "run":
         return f"skipped: {event.get('reason', '')}"
     return None
+
+
+def where(event: dict[str, Any]) -> str:
+    """The host and xdist worker an event came from."""
+    return f"{event.get('worker', '?')} on host {event.get('host', '?')}"
+
+
+def crash_lines(run: Run) -> list[str]:
+    """Each ``worker_crashed``: the host, the preset in flight, the last event received,
+    and where that preset was when its worker died."""
+    lines = []
+    for crash in (e for e in run.events if e.get("event") == WORKER_CRASHED):
+        preset = crash.get("preset")
+        last = crash.get("last_event") or {}
+        lines.append(
+            f"  CRASHED: worker {where(crash)}"
+            + (f", running {preset}" if preset else ", between tests")
+            + (f"; last event from it: {last.get('event')} at {_when(last.get('timestamp'))}"
+               if last else "; no event received from it")
+        )  # fmt: skip
+        if preset:
+            lines += in_flight_lines(run, str(preset))
+    return lines
 
 
 def outcomes(run: Run) -> dict[str, str]:
@@ -164,6 +191,7 @@ def describe(run: Run, index: int) -> list[str]:
         f" | force {'on' if start.get('force_mode') else 'off'}"
     ]
     lines += [f"  {preset}: {outcome}" for preset, outcome in outcomes(run).items()]
+    lines += crash_lines(run)
     complete = run.complete
     if complete is not None:
         lines.append(

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -27,6 +28,7 @@ SUBPROCESS_TIMEOUT: Final = "subprocess_timeout"
 SUBPROCESS_FAILED: Final = "subprocess_failed"
 SAFETY_STOP: Final = "safety_stop"
 SAFETY_KILL: Final = "safety_kill"
+WORKER_CRASHED: Final = "worker_crashed"
 PROBE_WAITING: Final = "probe_waiting"
 PROBE_ADMITTED: Final = "probe_admitted"
 PROBE_PROGRESS: Final = "probe_progress"
@@ -47,6 +49,7 @@ EVENTS: Final = (
     SUBPROCESS_FAILED,
     SAFETY_STOP,
     SAFETY_KILL,
+    WORKER_CRASHED,
     TEST_VERDICT,
     BENCHMARK_COMPLETE,
 )
@@ -74,6 +77,7 @@ REQUIRED_FIELDS: Final[dict[str, tuple[str, ...]]] = {
     SUBPROCESS_FAILED: ("preset", "exit_code", "stderr", "stdout_preview"),
     SAFETY_STOP: ("reason", "available_gb", "threshold_gb"),
     SAFETY_KILL: ("preset", "available_gb", "threshold_gb", "probe_rss_gb"),
+    WORKER_CRASHED: ("host", "worker", "preset", "nodeid", "last_event"),
     TEST_VERDICT: ("preset", "nodeid", "outcome", "verdict"),
     BENCHMARK_COMPLETE: ("total_tested", "passed", "failed", "skipped"),
 }
@@ -85,10 +89,16 @@ def check_log_path(path: Path, source: str) -> None:
 
 
 class EventLog:
-    """Appends events to one JSONL file; ``context`` fields go on every line."""
+    """Appends events to one JSONL file; ``context`` fields go on every line.
 
-    def __init__(self, path: Path, **context: Any) -> None:
+    ``sink``, when given, also gets every record this process writes, once it is on disk
+    (an xdist worker's relay to the controller: relay.py)."""
+
+    def __init__(
+        self, path: Path, sink: Callable[[dict[str, Any]], None] | None = None, **context: Any
+    ) -> None:
         self.path = path
+        self.sink = sink
         self.context = {"host": socket.gethostname(), **context}
 
     def write_event(self, event: str, **fields: Any) -> dict[str, Any]:
@@ -99,6 +109,14 @@ class EventLog:
         record.update(fields)
         for key, value in self.context.items():
             record.setdefault(key, value)
+        self.append(record)
+        if self.sink is not None:
+            self.sink(record)
+        return record
+
+    def append(self, record: dict[str, Any]) -> None:
+        """One line, one ``write()``, fsync'd: also for a record another process wrote
+        first (a worker's event, relayed to the controller's log)."""
         line = (json.dumps(record, default=str, ensure_ascii=False) + "\n").encode("utf-8")
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -110,4 +128,3 @@ class EventLog:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return record

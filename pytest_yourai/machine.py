@@ -18,6 +18,7 @@ from pytest_yourai.memory import (
     MachineMemory,
     MlxStatus,
     detect_backend,
+    mlx_record,
     mlx_status,
     read_machine_memory,
 )
@@ -31,6 +32,7 @@ class Machine:
         max_memory_gb: float | None,
         custom_probe: bool,
         start_available_gb: float | None = None,
+        known_mlx: dict[str, Any] | None = None,
     ) -> None:
         self.config, self.host = config, host
         self.max_memory_gb, self.custom_probe = max_memory_gb, custom_probe
@@ -39,6 +41,7 @@ class Machine:
         # The controller's reading at start, when this worker shares its host: the budget
         # must not shrink because other workers' probes are already running.
         self._start_available = start_available_gb
+        self._known_mlx = known_mlx  # the controller's finding, for a worker on its host
 
     @property
     def mlx(self) -> MlxStatus:
@@ -48,8 +51,13 @@ class Machine:
             if self.custom_probe:
                 self._mlx = MlxStatus(True, backend=detect_backend())
             else:
-                self._mlx = mlx_status(getattr(self.config, "cache", None), self.host)
+                cache = getattr(self.config, "cache", None)
+                self._mlx = mlx_status(cache, self.host, self._known_mlx)
         return self._mlx
+
+    def mlx_record(self) -> dict[str, Any] | None:
+        """What a worker on this host may take instead of asking (None: a custom probe)."""
+        return None if self.custom_probe else mlx_record(self.mlx)
 
     @property
     def backend(self) -> str:

@@ -7,6 +7,7 @@ memory is read with nvidia-smi.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import json
 import os
@@ -111,10 +112,15 @@ def mlx_fingerprint() -> str:
 _MLX_STATUS: dict[str, MlxStatus] = {}
 
 
-def mlx_status(cache: Any = None, host: str = "") -> MlxStatus:
-    """check_mlx, remembered per installation: in this process, and in pytest's ``cache``
-    when it worked (an installation that imported once keeps importing)."""
+def mlx_status(cache: Any = None, host: str = "", known: Any = None) -> MlxStatus:
+    """check_mlx, remembered per installation: in this process, in pytest's ``cache``
+    when it worked (an installation that imported once keeps importing), or ``known``: what
+    the xdist controller found for the same installation on this host (mlx_record)."""
     fingerprint = mlx_fingerprint()
+    if isinstance(known, dict) and known.get("fingerprint") == fingerprint:
+        _MLX_STATUS[fingerprint] = MlxStatus(
+            bool(known.get("importable")), known.get("backend"), str(known.get("error", ""))
+        )
     if fingerprint in _MLX_STATUS:
         return _MLX_STATUS[fingerprint]
     key = f"yourai/mlx/{host}"
@@ -127,6 +133,12 @@ def mlx_status(cache: Any = None, host: str = "") -> MlxStatus:
             cache.set(key, {"fingerprint": fingerprint, "backend": status.backend})
     _MLX_STATUS[fingerprint] = status
     return status
+
+
+def mlx_record(status: MlxStatus) -> dict[str, Any]:
+    """A status as the controller hands it to workers on its host (with the installation's
+    fingerprint, so a worker with another Python or MLX asks for itself)."""
+    return {"fingerprint": mlx_fingerprint(), **dataclasses.asdict(status)}
 
 
 def check_mlx(timeout_s: float = 120.0) -> MlxStatus:

@@ -322,6 +322,22 @@ _MIXTURES: tuple[Preset, ...] = (
 )
 
 
+def preset_records(presets: Iterable[Preset]) -> str:
+    """Presets as the xdist controller hands them to its workers (JSON text): a worker
+    then needs neither the presets file nor transformers' defaults."""
+    return json.dumps(
+        [
+            {"name": p.name, "repo": p.repo, "params": p.params, "source": p.source,
+             "architecture": dict(p.architecture), "pins": dict(p.pins)}
+            for p in presets
+        ]
+    )  # fmt: skip
+
+
+def presets_from_records(text: str) -> list[Preset]:
+    return [Preset(**record) for record in json.loads(text)]
+
+
 def builtin_presets() -> dict[str, Preset]:
     return {preset.name: preset for preset in (*BUILTIN_PRESETS, *_MIXTURES)}
 

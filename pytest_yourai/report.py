@@ -6,7 +6,7 @@ come from results.py."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,20 @@ def baseline_lines(rows: Sequence[ResultRow]) -> list[str]:
     ]
 
 
+def crash_lines(crashes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per ``worker_crashed``: where, what was running, what was last heard."""
+    lines = []
+    for crash in crashes:
+        last = crash.get("last_event") or {}
+        running = f"while running {crash['preset']}" if crash.get("preset") else "between tests"
+        heard = f"; last event from it: {last.get('event')}" if last else ""
+        lines.append(
+            f"worker {crash.get('worker')} on {crash.get('host') or 'an unknown host'} "
+            f"crashed {running}{heard} (python -m pytest_yourai.log says more)"
+        )
+    return lines
+
+
 def recommendation(rows: Sequence[ResultRow]) -> str:
     """The Rust CLI's advice: the largest preset that fits this machine."""
     measured = [r for r in rows if r.verdict == Verdict.PASS]
@@ -157,6 +171,7 @@ RESULT_FIELDS = (
     "backend",
     "host",
     "worker",
+    "machine_id",
     "batch_size",
     "lora_rank",
     "lora_layers",

@@ -28,6 +28,7 @@ class Verdict(enum.StrEnum):
     SKIPPED = "Skipped"
     STOPPED = "Stopped"  # the safety stop: memory was critically low before the probe
     ESTIMATED = "Estimated"  # --yourai-estimate-only
+    CRASHED = "Crashed"  # the xdist worker running it went down (worker_crashed)
 
     @property
     def mark(self) -> str:
@@ -47,8 +48,10 @@ FAILURES = frozenset(
         Verdict.OVER_BUDGET,
         Verdict.REGRESSED,
         Verdict.NO_BASELINE,
+        Verdict.CRASHED,
     }
 )
+PHASES = ("setup", "call", "teardown")
 NOT_RUN = frozenset({Verdict.SKIPPED, Verdict.STOPPED, Verdict.ESTIMATED})
 
 
@@ -121,13 +124,18 @@ class ResultBook:
     def record(
         self, nodeid: str, when: str, outcome: str, user_properties: Iterable[tuple[str, Any]]
     ) -> ResultRow | None:
-        """Take one report (setup, call or teardown); None for a test that is no benchmark."""
+        """Take one report (setup, call, teardown, or xdist's report of a crashed worker);
+        None for a test that is no benchmark."""
         props = {k: v for k, v in user_properties if str(k).startswith(PROP_PREFIX)}
         if not props and nodeid not in self.rows:
             return None
         row = self.rows.setdefault(nodeid, ResultRow(nodeid))
         row.properties.update(props)
-        if when == "call" or (when == "setup" and outcome != "passed"):
+        if when not in PHASES and outcome == "failed":
+            # xdist's report of an item whose worker crashed (its "when" is "???")
+            row.outcome = "failed"
+            row.properties[PROP_PREFIX + "verdict"] = Verdict.CRASHED.value
+        elif when == "call" or (when == "setup" and outcome != "passed"):
             row.outcome = outcome
         elif when == "teardown" and outcome == "failed":
             row.outcome = "failed"

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pytest_yourai import __version__
+from pytest_yourai import __version__, baseline
 from pytest_yourai.admission import Ledger
 from pytest_yourai.estimator import TrainingShape
 from pytest_yourai.eventlog import (
@@ -39,8 +39,10 @@ from pytest_yourai.presets import (
     catalog,
     pick,
     presets_from_hook,
+    presets_from_records,
     sort_smallest_first,
 )
+from pytest_yourai.relay import RELAY_KEY, WorkerRelay
 from pytest_yourai.results import ResultBook
 from pytest_yourai.safety import SafetyStop, critical_reason
 from pytest_yourai.settings import Settings
@@ -61,9 +63,12 @@ def load_presets(config: pytest.Config, settings: Settings) -> list[Preset]:
     return sort_smallest_first(presets.values())
 
 
-def check_output_paths(settings: Settings) -> None:
-    """Every path the run will write, usable before anything runs (else a usage error)."""
+def check_output_paths(settings: Settings, reports: bool = True) -> None:
+    """Every path this process will write, usable before anything runs (else a usage
+    error): its log and, where it reports (not an xdist worker), the outputs."""
     check_log_path(settings.log_path, settings.source("yourai_log"))
+    if not reports:
+        return
     for dest, path in (("yourai_json", settings.json_path), ("yourai_plot", settings.plot_path)):
         if path is not None:
             prepare_output(path, settings.source(dest))
@@ -85,7 +90,11 @@ class YouraiSession:
         self.worker_id = str(workerinput.get("workerid", "main"))
         self.run_id = str(workerinput.get("yourai_run_id") or uuid.uuid4().hex[:12])
         self.host = socket.gethostname()
-        self.log = EventLog(settings.log_path, run_id=self.run_id, worker=self.worker_id)
+        channel = workerinput.get(RELAY_KEY)
+        relay = WorkerRelay(channel, settings.log_path, self.host) if channel else None
+        self.log = EventLog(
+            settings.log_path, sink=relay, run_id=self.run_id, worker=self.worker_id
+        )
         start = workerinput.get("yourai_start_memory") or {}
         shared_host = start.get("host") == self.host
         self.machine = Machine(
@@ -94,11 +103,17 @@ class YouraiSession:
             settings.max_memory_gb,
             custom_probe=settings.probe_command is not None,
             start_available_gb=float(start["available_gb"]) if shared_host else None,
+            known_mlx=start.get("mlx") if shared_host else None,
         )
         cache = getattr(config, "cache", None)
         self.timing = MachineTiming(cache, self.host, enabled=settings.probe_command is None)
+        # One ledger per host: a worker on the controller's host uses the controller's
+        # (whatever directory the worker runs in); another host, its own cache dir.
         ledger_dir = cache.mkdir("yourai") if cache is not None else settings.log_path.parent
+        if shared_host and start.get("ledger_dir"):
+            ledger_dir = Path(start["ledger_dir"])
         self.ledger = Ledger(Path(ledger_dir))
+        self.sent_baselines: dict[str, Any] | None = workerinput.get("yourai_baselines")
         self.results = ResultBook([p.name for p in self.presets])
         self.safety = SafetyStop()
         self.started = False
@@ -106,13 +121,30 @@ class YouraiSession:
 
     @classmethod
     def from_config(cls, config: pytest.Config, settings: Settings) -> YouraiSession:
-        check_output_paths(settings)
+        workerinput = getattr(config, "workerinput", None)
+        check_output_paths(settings, reports=workerinput is None)
+        if workerinput and workerinput.get("yourai_presets"):
+            # an xdist worker runs the controller's presets (already checked, filtered and
+            # ordered there): no presets file to read on this host
+            return cls(config, settings, presets_from_records(workerinput["yourai_presets"]))
         return cls(config, settings, load_presets(config, settings))
 
-    def is_benchmark_nodeid(self, nodeid: str) -> bool:
+    def baselines(self) -> dict[str, Any]:
+        """This machine's stored baselines: those the controller sent (a worker reads no
+        file of the controller's), else the baseline directory's file."""
+        machine = self.machine.machine_id()
+        if self.sent_baselines is not None:
+            found = self.sent_baselines.get(machine)
+            return found if isinstance(found, dict) else {}
+        return baseline.load(self.settings.baseline_dir, machine)
+
+    def preset_of(self, nodeid: str) -> str | None:
         """Benchmark items are parametrized with preset names as ids: ``test_x[NAME]``."""
-        names = {preset.name for preset in self.presets}
-        return nodeid.endswith("]") and nodeid[nodeid.rfind("[") + 1 : -1] in names
+        name = nodeid[nodeid.rfind("[") + 1 : -1] if nodeid.endswith("]") else ""
+        return name if name in {preset.name for preset in self.presets} else None
+
+    def is_benchmark_nodeid(self, nodeid: str) -> bool:
+        return self.preset_of(nodeid) is not None
 
     def header_line(self) -> str:
         settings, mlx = self.settings, self.machine.mlx

@@ -64,7 +64,11 @@ class WorkerHooks:
         session.log_model_start(preset, item.nodeid)
         preflight = session.preflight(preset)
         settings = session.settings
-        context = {"host": session.host, "worker": session.worker_id}
+        context = {
+            "host": session.host,
+            "worker": session.worker_id,
+            "machine_id": session.machine.machine_id(),
+        }
         values = preflight.properties(**context, estimate_only=settings.estimate_only)
         item.user_properties.extend(properties(values))
         item.stash[PREFLIGHT_KEY] = preflight
