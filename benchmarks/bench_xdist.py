@@ -1,17 +1,19 @@
 """Serial vs ``-n 2``: wall time of N tiny probes, and how much memory was reserved at once.
 
-    python benchmarks/bench_xdist.py [--presets 6] [--workers 2] [--fake]
+    python benchmarks/bench_xdist.py [--presets 6] [--workers 2] [--runs 1] [--fake]
 
 Writes N CPU-sized presets (alternating llama and qwen2 shapes) to a presets file, runs the
 benchmark suite on them serially and with pytest-xdist, and prints the wall-time ratio and,
 from the parallel run's log, the largest sum of reservations against the admission budget.
 ``--fake`` swaps the MLX probe for a 2-second stand-in (to test the script itself).
+``--runs N`` repeats the pair N times and gives each ratio and the median.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -59,6 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", type=int, default=6)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--fake", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="yourai-bench-xdist-") as scratch:
@@ -80,8 +83,16 @@ def main() -> int:
         if args.fake:
             (work / "fake_probe.py").write_text(FAKE)
             base += ["--yourai-probe-command", f"{sys.executable} fake_probe.py"]
-        serial = timed([*base, "--yourai-log", "serial.jsonl"], work)
-        parallel = timed([*base, "-n", str(args.workers), "--yourai-log", "parallel.jsonl"], work)
+        ratios = []
+        for run in range(1, args.runs + 1):
+            serial = timed([*base, "--yourai-log", "serial.jsonl"], work)
+            parallel = timed(
+                [*base, "-n", str(args.workers), "--yourai-log", "parallel.jsonl"], work
+            )
+            ratios.append(serial / parallel)
+            if args.runs > 1:
+                print(f"run {run}: serial {serial:.1f} s, -n {args.workers} {parallel:.1f} s, "
+                      f"ratio {serial / parallel:.2f}", flush=True)  # fmt: skip
         records = read_jsonl(work / "parallel.jsonl")
     admitted = [r for r in records if r["event"] == "probe_admitted"]
     waits = sum(1 for r in records if r["event"] == "probe_waiting")
@@ -91,7 +102,8 @@ def main() -> int:
     print(f"{args.presets} tiny presets, {probe}, {args.workers} workers")
     print(f"serial   {serial:.1f} s")
     print(f"-n {args.workers}    {parallel:.1f} s")
-    print(f"wall-time ratio (serial / parallel): {serial / parallel:.2f}")
+    median = f" (median of {args.runs} runs)" if args.runs > 1 else ""
+    print(f"wall-time ratio (serial / parallel): {statistics.median(ratios):.2f}{median}")
     print(
         f"largest sum of reservations: {largest:.4f} GB of a {budget:.2f} GB budget ({waits} waits)"
     )
