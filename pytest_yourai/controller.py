@@ -48,6 +48,7 @@ class ControllerHooks:
         self.pytest_session: pytest.Session | None = None
         self.relay = ControllerRelay(session.log, session.host)
         self.crashes: list[dict[str, Any]] = []
+        self.worker_input: dict[str, Any] | None = None
 
     def show_header(self) -> None:
         """The yourai line, once benchmarks were collected (a run without any has none)."""
@@ -88,17 +89,22 @@ class ControllerHooks:
         controller's reading of memory, whether MLX imports and its admission ledger (a
         worker on the same host takes them), and the stored baselines (so it reads no file
         of ours)."""
-        session = self.session
-        node.workerinput["yourai_run_id"] = session.run_id
-        node.workerinput["yourai_presets"] = preset_records(session.presets)
-        node.workerinput["yourai_start_memory"] = {
-            "host": session.host,
-            "available_gb": session.machine.memory().available_gb,
-            "ledger_dir": str(session.ledger.path.parent),
-            "mlx": session.machine.mlx_record(),
-        }
-        if session.settings.baseline_compare:
-            node.workerinput["yourai_baselines"] = baseline.load_all(session.settings.baseline_dir)
+        if self.worker_input is None:  # once per run: a restarted worker gets the same
+            session = self.session
+            self.worker_input = {
+                "yourai_run_id": session.run_id,
+                "yourai_presets": preset_records(session.presets),
+                "yourai_start_memory": {
+                    "host": session.host,
+                    "available_gb": session.machine.memory().available_gb,
+                    "ledger_dir": str(session.ledger.path.parent),
+                    "mlx": session.machine.mlx_record(),
+                },
+            }
+            if session.settings.baseline_compare:
+                baselines = baseline.load_all(session.settings.baseline_dir)
+                self.worker_input["yourai_baselines"] = baselines
+        node.workerinput.update(self.worker_input)
         self.relay.open(node)
 
     @pytest.hookimpl(optionalhook=True)

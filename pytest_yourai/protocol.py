@@ -40,12 +40,6 @@ def parse_result_line(line: str | None) -> tuple[dict[str, Any] | None, str | No
     return value, None
 
 
-def last_result(stdout: str) -> tuple[dict[str, Any] | None, str | None]:
-    """The last result line of a probe's whole output."""
-    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_PREFIX)]
-    return parse_result_line(lines[-1] if lines else None)
-
-
 # -- progress lines ----------------------------------------------------------------------
 
 
