@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import importlib.util
 import json
 import os
@@ -421,8 +422,37 @@ def transformers_defaults(model_type: str) -> dict[str, Any]:
 
 
 def with_defaults(arch: Mapping[str, Any]) -> dict[str, Any]:
-    """The architecture with transformers' defaults for the fields it leaves out."""
-    return {**transformers_defaults(str(arch.get("model_type"))), **arch}
+    """The architecture with transformers' defaults for the fields it leaves out.
+
+    A default that transformers derives from other fields is derived from this config's
+    own: Llama's and Mistral's ``head_dim`` is hidden size / heads (64 for SmolLM2, not the
+    128 of a default-sized config), where Qwen3's and Gemma's is a constant."""
+    model_type = str(arch.get("model_type"))
+    defaults = transformers_defaults(model_type)
+    merged = {**defaults, **arch}
+    if "head_dim" in defaults and "head_dim" not in arch:
+        derived = _transformers_head_dim(
+            model_type, arch.get("hidden_size"), arch.get("num_attention_heads")
+        )
+        if derived is None:
+            merged.pop("head_dim")
+        else:
+            merged["head_dim"] = derived
+    return merged
+
+
+@functools.cache
+def _transformers_head_dim(model_type: str, hidden: Any, heads: Any) -> int | None:
+    """The ``head_dim`` transformers gives a config of this type, hidden size and heads."""
+    try:
+        from transformers import CONFIG_MAPPING  # type: ignore[import-not-found,unused-ignore]
+
+        make: Any = CONFIG_MAPPING[model_type]
+        config = make(hidden_size=hidden, num_attention_heads=heads)
+    except Exception:  # no transformers, or a config it will not make: mlx-lm derives it
+        return None
+    value = getattr(config, "head_dim", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def validate_architecture(arch: Mapping[str, Any], where: str) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -87,7 +89,8 @@ def test_config_json_preset(tmp_path: Path) -> None:
     (model_dir / "config.json").write_text(json.dumps(arch))
     path = _write(tmp_path, '[presets.mine]\nconfig = "m/config.json"\nparams = "4M"\nbits = 8\n')
     preset = load_presets_file(path, "test")["mine"]
-    assert preset.architecture == arch
+    # The config's own fields as they are; transformers' defaults fill only what it leaves out.
+    assert {key: preset.architecture[key] for key in arch} == arch
     assert preset.pins == {"bits": 8}
 
 
@@ -115,3 +118,47 @@ def test_bad_files_name_the_problem(tmp_path: Path, text: str, message: str) -> 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(YouraiUsageError, match="file not found"):
         load_presets_file(tmp_path / "nope.toml", "ini yourai_presets_file")
+
+
+@pytest.mark.parametrize(
+    ("model_type", "hidden", "heads", "expected"),
+    [
+        # Llama derives head_dim (SmolLM2-360M: 960 / 15 = 64); Qwen3 has a constant 128.
+        ("llama", 960, 15, 64),
+        ("mistral", 1024, 32, 32),
+        ("qwen3", 960, 15, 128),
+    ],
+)
+def test_a_missing_head_dim_is_what_transformers_gives_this_config(
+    tmp_path: Path, model_type: str, hidden: int, heads: int, expected: int
+) -> None:
+    config = {
+        "model_type": model_type,
+        "hidden_size": hidden,
+        "num_hidden_layers": 2,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "intermediate_size": 4 * hidden,
+        "vocab_size": 1024,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "presets.toml").write_text('[presets.m]\nconfig = "config.json"\n')
+    # A fresh interpreter: transformers' defaults, as the plugin's process reads them.
+    script = (
+        "import importlib.util, json, sys\n"
+        "from pathlib import Path\n"
+        "if importlib.util.find_spec('transformers') is None: sys.exit(3)\n"
+        "from pytest_yourai.presets import load_presets_file\n"
+        "presets = load_presets_file(Path(sys.argv[1]), 'test')\n"
+        "print(json.dumps(presets['m'].architecture.get('head_dim')))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "presets.toml")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode == 3:
+        pytest.skip("transformers is not installed: no defaults are filled")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == expected
