@@ -80,4 +80,43 @@ def architecture(entry: dict[str, Any]) -> dict[str, Any]:
         from pytest_yourai.presets import builtin_presets
 
         return dict(builtin_presets()[entry["preset"]].architecture)
-    return dict(json.loads((HERE / entry["config"]).read_text()))
+    return {**json.loads((HERE / entry["config"]).read_text()), **entry.get("overrides", {})}
+
+
+def as_probe_record(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A record in the probe's form (``grid`` and ``result``), whichever script wrote it.
+
+    Probe records (estimate_accuracy.py) are returned as they are. A survival run's record
+    (survival.py) becomes one when it ran at the go threshold and passed: its row holds what
+    the probe measured; its config is the grid line's. Anything else gives None."""
+    if "result" in record:
+        return record
+    row = record.get("row")
+    if record.get("level") != "go" or not row or row.get("verdict") != "Pass":
+        return None
+    entry = record["grid"]
+    config = {
+        "bits": entry["bits"],
+        "group_size": entry.get("group_size", 64),
+        "dtype": row["dtype"],
+        "batch_size": entry["batch_size"],
+        "seq_len": entry["seq_len"],
+        "lora_rank": entry["lora_rank"],
+        "lora_layers": entry["lora_layers"],
+        "grad_checkpoint": bool(entry.get("grad_checkpoint", False)),
+        "in_flight": entry["in_flight"],
+    }
+    fields = ("train_peak_memory_gb", "train_footprint_gb", "build_footprint_gb", "backend")
+    result = {key: row[key] for key in fields if key in row}
+    result.update(status="ok", config=config, survival=True)
+    grid = {key: entry[key] for key in ("preset", "config") if key in entry}
+    if "config" in grid and not record.get("head_dim_derived"):
+        # Survival runs made before the plugin derived a missing head_dim (presets.with_defaults)
+        # built the model with transformers' default-sized one (128 for Llama, not SmolLM2's 64).
+        from pytest_yourai.presets import transformers_defaults
+
+        arch = architecture(grid)
+        filled = transformers_defaults(str(arch.get("model_type"))).get("head_dim")
+        if "head_dim" not in arch and filled is not None:
+            grid["overrides"] = {"head_dim": filled}
+    return {"grid": grid, "result": result}

@@ -36,7 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from results_io import append_record, architecture, canonical, done_keys, read_grid, read_records
+from results_io import (
+    append_record,
+    architecture,
+    canonical,
+    done_keys,
+    read_grid,
+    read_jsonl,
+    read_records,
+)
 from save_synthetic_model import lora_command
 
 HERE = Path(__file__).resolve().parent
@@ -244,6 +252,7 @@ def attempt(
         "estimated_base_gb": round(estimate.estimated_base_gb, 3),
         "estimated_conservative_gb": round(conservative, 3),
         "target_free_gb": round(target, 3),
+        "head_dim_derived": True,
         "free_before_gb": round(free_before, 3),
     }
     if level == "go":
@@ -360,6 +369,12 @@ def main() -> int:
     args = parser.parse_args()
     entries = read_grid(args.grid)
     done = done_keys(args.out, lambda record: [record["grid"], record["level"]])
+    # A rerun's 0.85 levels need the footprints its go runs measured before.
+    measured = {
+        canonical(record["grid"]): (record.get("row") or {}).get("footprint_peak_gb")
+        for record in (read_jsonl(args.out) if args.out.exists() else [])
+        if record["level"] == "go"
+    }
     levels = [level.strip() for level in args.levels.split(",")]
     holder = Holder()
     sys.path.insert(0, str(HERE))
@@ -370,7 +385,7 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     try:
         for entry in entries:
-            footprint = None
+            footprint = measured.get(canonical(entry))
             for level in levels:
                 if level != "go" and (not entry.get(f"level_{level}", True) or not footprint):
                     continue
