@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 from estimate_accuracy import shape_of
-from results_io import architecture, canonical, read_records
+from results_io import architecture, as_probe_record, canonical, read_records
 from scipy.optimize import least_squares, nnls
 
 from pytest_yourai.estimator import (
@@ -47,6 +47,8 @@ from pytest_yourai.estimator import (
     CALIBRATION,
     CALIBRATION_FILE,
     CHECKPOINT_MARGIN,
+    ENVELOPE_GB,
+    ENVELOPE_SHARE,
     GB,
     GRAPH_MARGIN,
     GRAPH_TERMS,
@@ -76,7 +78,10 @@ def load(
     Results from before the probe's ``--in-flight`` get ``legacy_in_flight``; with
     ``in_flight`` set, runs of the other mode are left out."""
     records: dict[str, dict[str, Any]] = {}
-    for record in read_records(paths):
+    for found in read_records(paths):
+        record = as_probe_record(found)
+        if record is None:
+            continue
         result = record.get("result", {})
         if (
             result.get("status") == "ok"
@@ -119,7 +124,6 @@ WINDOW_PARAMS = (
     *(f"window_{kind}_scale" for kind in WINDOW_CLASSES),
     *(f"window_{kind}_cap_gb" for kind in WINDOW_CLASSES),
     "window_layers_power",
-    "window_8bit",
 )
 
 
@@ -132,8 +136,6 @@ def fit_window(records: list[dict[str, Any]], coefficients: dict[str, float]) ->
     kinds = sorted({window_class(shape_of(r)) for r in records})
     free = [f"window_{kind}_{part}" for kind in kinds for part in ("scale", "cap_gb")]
     free.append("window_layers_power")
-    if any(8 <= shape_of(r).bits < 16 for r in records):
-        free.append("window_8bit")
 
     def predicted(values: np.ndarray) -> np.ndarray:
         trial = {**coefficients, **dict(zip(free, np.abs(values), strict=True))}
@@ -149,13 +151,7 @@ def fit_window(records: list[dict[str, Any]], coefficients: dict[str, float]) ->
         for scale in (2.0, 6.0, 10.0):
             start = np.array(
                 [
-                    cap
-                    if n.endswith("_cap_gb")
-                    else scale
-                    if n.endswith("_scale")
-                    else 0.3
-                    if n == "window_layers_power"
-                    else 0.8
+                    cap if n.endswith("_cap_gb") else scale if n.endswith("_scale") else 0.3
                     for n in free
                 ]
             )
@@ -163,26 +159,72 @@ def fit_window(records: list[dict[str, Any]], coefficients: dict[str, float]) ->
             if best is None or result.cost < best.cost:
                 best = result
     assert best is not None
-    return {n: round(float(abs(v)), 4) for n, v in zip(free, best.x, strict=True)}
+    fitted = {n: round(float(abs(v)), 4) for n, v in zip(free, best.x, strict=True)}
+    for kind in WINDOW_CLASSES:
+        plain = kind.removesuffix("_checkpoint")
+        if kind != plain and kind not in kinds and plain in kinds:
+            for part in ("scale", "cap_gb"):
+                fitted[f"window_{kind}_{part}"] = fitted[f"window_{plain}_{part}"]
+    return fitted
 
 
-def fit_envelope_margin(
+def fit_envelope(
     records: list[dict[str, Any]], coefficients: dict[str, float]
-) -> dict[str, float]:
-    """Per kind of run (window_class), the least factor on the window that, with the graph
-    terms times their conservative margin, covers every run with MLX's defaults; 5% more
-    for shapes not measured. Kinds with no runs take the largest."""
-    needs: dict[str, float] = {}
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Per kind of run (window_class), what the window's envelope (estimator.window_envelope)
+    adds to the window: the least GB, and the least share of the window, that, with the graph
+    terms times their conservative margin, cover every run with MLX's defaults, plus 5% for
+    shapes not measured. Kinds with no runs take the largest."""
+    gb: dict[str, float] = {}
+    share: dict[str, float] = {}
     for r in records:
         arch, shape = architecture(r["grid"]), shape_of(r)
         margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
         rest = measured(r) - exact_bytes(r) - graph_bytes(features(r), coefficients) * margin
         window = window_bytes(arch, shape, coefficients)
+        if window <= 0:
+            continue
         kind = window_class(shape)
-        if window > 0:
-            needs[kind] = max(needs.get(kind, 1.0), rest / window)
-    largest = max(needs.values(), default=1.0)
-    return {kind: round(needs.get(kind, largest) * 1.05, 3) for kind in WINDOW_CLASSES}
+        short = max(rest - window, 0.0)
+        gb[kind] = max(gb.get(kind, 0.0), short / GB)
+        share[kind] = max(share.get(kind, 0.0), short / window)
+
+    def widen(needs: dict[str, float]) -> dict[str, float]:
+        largest = max(needs.values(), default=0.0)
+        return {kind: round(needs.get(kind, largest) * 1.05, 3) for kind in WINDOW_CLASSES}
+
+    return widen(gb), widen(share)
+
+
+def fit_window_cover(
+    records: list[dict[str, Any]],
+    coefficients: dict[str, float],
+    envelope: tuple[dict[str, float], dict[str, float]],
+    overhead: dict[str, float],
+) -> float:
+    """``cache_window_conservative``: the least share of the window's envelope that, with the
+    rest of the conservative footprint estimate, covers the footprint of every run with MLX's
+    defaults (10% to spare), and never less than the typical share."""
+    share = overhead.get("cache_window", 0.0)
+    for r in records:
+        arch, shape = architecture(r["grid"]), shape_of(r)
+        window = window_bytes(arch, shape, coefficients)
+        if shape.in_flight != "mlx" or window <= 0:
+            continue
+        kind = window_class(shape)
+        most = window + min(envelope[0][kind] * GB, envelope[1][kind] * window)
+        graph = graph_bytes(features(r), coefficients)
+        margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
+        cache = "cache_checkpoint" if shape.grad_checkpoint else "cache"
+        rest = (
+            exact_bytes(r)
+            + graph * (margin + overhead[cache + "_conservative"])
+            + overhead["process_conservative_gb"] * GB
+            + most
+        )
+        footprint = float(r["result"]["train_footprint_gb"]) * GB
+        share = max(share, (footprint - rest) / most * 1.1)
+    return round(share, 4)
 
 
 def overhead_parts(record: dict[str, Any]) -> dict[str, float | None]:
@@ -214,7 +256,7 @@ def fit_backend_overhead(records: list[dict[str, Any]]) -> dict[str, float]:
     The graph shares (``cache``, ``cache_checkpoint``): medians of (beyond - process) /
     graph over runs with one op in flight; the window share: the median of what is left
     over the window in runs with MLX's defaults. The conservative terms cover every run,
-    with 10% to spare."""
+    with 10% to spare (the window's: fit_window_cover)."""
     parts = [overhead_parts(r) for r in records]
     outside = [float(p["outside"]) for p in parts if p["outside"] is not None]
     if outside:
@@ -238,18 +280,12 @@ def fit_backend_overhead(records: list[dict[str, Any]]) -> dict[str, float]:
             fitted[kind + "_conservative"] = round(max(max(covers), fitted[kind]) * 1.1, 4)
     window_runs = [p for p in parts if float(p["window"] or 0) > 0]
     if window_runs:
-        shares, covers = [], []
+        shares = []
         for p in window_runs:
             kind = "cache_checkpoint" if p["checkpoint"] else "cache"
-            graph_share = fitted.get(kind, 0.0)
-            rest = float(p["beyond"]) - process - graph_share * float(p["graph"])
+            rest = float(p["beyond"]) - process - fitted.get(kind, 0.0) * float(p["graph"])
             shares.append(max(rest, 0.0) / float(p["window"]))
-            rest_cover = float(p["beyond"]) - cover - graph_share * float(p["graph"])
-            covers.append(max(rest_cover, 0.0) / float(p["window"]))
         fitted["cache_window"] = round(statistics.median(shares), 4)
-        fitted["cache_window_conservative"] = round(
-            max(max(covers), fitted["cache_window"]) * 1.1, 4
-        )
     return fitted
 
 
@@ -323,12 +359,13 @@ def write_calibration(
     backend: str,
     graph: dict[str, float] | None,
     overhead: dict[str, float],
-    envelope_margin: dict[str, float] | None,
+    envelope: tuple[dict[str, float], dict[str, float]] | None,
 ) -> None:
     """Store the fitted coefficients in the estimator's package data."""
     data = json.loads(CALIBRATION_FILE.read_text(encoding="utf-8"))
-    if envelope_margin is not None:
-        data["envelope_margin"] = envelope_margin
+    data.pop("envelope_margin", None)  # the envelope of earlier fits: a factor only
+    if envelope is not None:
+        data["envelope_gb"], data["envelope_share"] = envelope
     if graph is not None:
         data["graph"][backend] = {k: round(v, 6) for k, v in graph.items()}
     data["backend_overhead"][backend] = {**data["backend_overhead"].get(backend, {}), **overhead}
@@ -368,6 +405,14 @@ def main() -> int:
         default=[],
         help="runs with the probe's footprint fields: fit the backend overhead",
     )
+    parser.add_argument(
+        "--footprint-mlx",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="as --footprint, but only the runs with MLX's defaults (the window's cache share); "
+        "their other runs stay held out",
+    )
     parser.add_argument("--holdout", type=Path, nargs="*", default=[])
     parser.add_argument(
         "--moe",
@@ -395,11 +440,11 @@ def main() -> int:
             parser.error(f"need at least {len(GRAPH_TERMS)} graph runs, found {len(graph_runs)}")
         coefficients.update(fit_graph(graph_runs))
     window_runs = load(args.window, args.backend, "mlx", "mlx")
-    envelope_margin = None
+    envelope = None
     if window_runs:
         coefficients.update(fit_window(window_runs, coefficients))
-        envelope_margin = fit_envelope_margin(window_runs, coefficients)
-        print(f"envelope margin covering every window run: {envelope_margin}")
+        envelope = fit_envelope(window_runs, coefficients)
+        print(f"envelope above the window, GB and share: {envelope[0]} {envelope[1]}")
         fitted_graph = True
     moe_runs = [
         r
@@ -427,19 +472,29 @@ def main() -> int:
             for r in graph_runs
         )
         print(f"least GRAPH_MARGIN covering every graph run: {least:.3f}")
-    if window_runs:
-        report("window runs (MLX defaults)", window_runs, args.backend, coefficients)
     footprint_runs = [
-        r for r in load(args.footprint, args.backend, "mlx") if "train_footprint_gb" in r["result"]
+        r
+        for r in load(args.footprint, args.backend, "mlx")
+        + load(args.footprint_mlx, args.backend, "mlx", "mlx")
+        if "train_footprint_gb" in r["result"]
     ]
     overhead = dict(BACKEND_OVERHEAD[args.backend])
     if footprint_runs:
         overhead.update(fit_backend_overhead(footprint_runs))
+        overhead["cache_window_conservative"] = fit_window_cover(
+            footprint_runs, coefficients, envelope or (ENVELOPE_GB, ENVELOPE_SHARE), overhead
+        )
         print(f"backend overhead ({args.backend}): {json.dumps(overhead)}")
     saved = dict(CALIBRATION[args.backend]), dict(BACKEND_OVERHEAD[args.backend])
+    saved_envelope = dict(ENVELOPE_GB), dict(ENVELOPE_SHARE)
     CALIBRATION[args.backend].update(coefficients)
     BACKEND_OVERHEAD[args.backend].update(overhead)
+    if envelope is not None:
+        ENVELOPE_GB.update(envelope[0])
+        ENVELOPE_SHARE.update(envelope[1])
     try:
+        if window_runs:
+            report("window runs (MLX defaults)", window_runs, args.backend, coefficients)
         if footprint_runs:
             for mode in ("bounded", "mlx"):
                 runs = [r for r in footprint_runs if r["result"]["config"]["in_flight"] == mode]
@@ -468,10 +523,11 @@ def main() -> int:
         CALIBRATION[args.backend].update(saved[0])
         BACKEND_OVERHEAD[args.backend].clear()
         BACKEND_OVERHEAD[args.backend].update(saved[1])
+        for table, kept in zip((ENVELOPE_GB, ENVELOPE_SHARE), saved_envelope, strict=True):
+            table.clear()
+            table.update(kept)
     if args.write:
-        write_calibration(
-            args.backend, coefficients if fitted_graph else None, overhead, envelope_margin
-        )
+        write_calibration(args.backend, coefficients if fitted_graph else None, overhead, envelope)
     return 0
 
 

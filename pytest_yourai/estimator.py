@@ -67,12 +67,14 @@ CALIBRATION: dict[str, dict[str, float]] = _CALIBRATION_DATA["graph"]
 BACKEND_OVERHEAD: dict[str, dict[str, float]] = _CALIBRATION_DATA["backend_overhead"]
 # The conservative estimate: graph terms x GRAPH_MARGIN (CHECKPOINT_MARGIN with gradient
 # checkpointing, whose recompute-ahead depends on MLX's scheduling), plus, with MLX's own
-# in-flight window, its envelope x ENVELOPE_MARGIN (capped), plus the conservative backend
-# overhead.
+# in-flight window, its envelope (window_envelope), plus the conservative backend overhead
+# (its cache share taken on the envelope).
 GRAPH_MARGIN: dict[str, float] = _CALIBRATION_DATA["graph_margin"]
 CHECKPOINT_MARGIN: float = _CALIBRATION_DATA["checkpoint_margin"]
-# Per kind of run (window_class): the factor on the window that covers every measured one.
-ENVELOPE_MARGIN: dict[str, float] = _CALIBRATION_DATA["envelope_margin"]
+# Per kind of run (window_class): the GB, and the share of the window, above the window
+# that cover every measured one (window_envelope).
+ENVELOPE_GB: dict[str, float] = _CALIBRATION_DATA["envelope_gb"]
+ENVELOPE_SHARE: dict[str, float] = _CALIBRATION_DATA["envelope_share"]
 WINDOW_CLASSES = ("quantized", "dense", "quantized_checkpoint", "dense_checkpoint")
 UNFUSED_ATTENTION_MODEL_TYPES = frozenset({"gemma2"})
 
@@ -112,9 +114,8 @@ def calibration_features(
     recomputes blocks ahead of their backward (``checkpoint_ahead``, T x (intermediate + w),
     apart for fused-projection models); ``scores`` T x seq x heads per live block where
     attention is unfused; ``hidden`` T x hidden outside the blocks (embeddings, final norm,
-    the head's input gradient, frozen blocks' transients); ``constant`` (MB). Window terms
-    (``in_flight="mlx"`` only): T x N x (hidden + intermediate), split by quantized/dense
-    weights and checkpointing, and T x L x rank for quantized runs.
+    the head's input gradient, frozen blocks' transients); ``constant`` (MB). The in-flight
+    window (``in_flight="mlx"`` only) is apart: window_bytes.
 
     With a census (census.py) the MLP of each live block is the width a token goes through:
     its top-k experts' and the shared experts' for a mixture of experts, two thirds of it for
@@ -196,7 +197,8 @@ def graph_bytes(features: Mapping[str, float], coefficients: Mapping[str, float]
 
 
 def window_class(shape: TrainingShape) -> str:
-    """The kind of run, for the in-flight window: quantized or dense, checkpointed or not."""
+    """The kind of run, for the in-flight window: quantized (4- and 8-bit windows overlap:
+    how far the queue fills is timing, not width) or dense; checkpointed or not."""
     kind = "quantized" if shape.bits < 16 else "dense"
     return kind + ("_checkpoint" if shape.grad_checkpoint else "")
 
@@ -210,22 +212,30 @@ def window_bytes(
     to 100 ops or 1000 MB of inputs each on an H100/H200, and every queued op keeps its
     inputs alive until the device has run it. The queue fills when the device is slower
     than the encoding, that is when each op is large: the window grows with the tokens
-    times hidden width squared (an op's work), saturates at the buffers' limit (``cap``),
-    and is smaller when few blocks are adapted (a shorter backward pass to queue). Fitted
-    per kind of run (window_class); 8-bit weights take ``window_8bit`` of the 4-bit figure.
+    times hidden width times MLP width (an op's work), saturates at the buffers' limit
+    (``cap``), and is smaller when few blocks are adapted (a shorter backward pass to queue).
+    Fitted per kind of run (window_class: quantized or dense weights, checkpointed or not).
     Measured on CUDA; Metal's buffers are smaller (see CALIBRATION["metal"])."""
     kind = window_class(shape)
     blocks = int(arch["num_hidden_layers"])
     adapted = min(shape.lora_layers, blocks)
     tokens = float(shape.batch_size * shape.seq_len)
-    hidden = float(arch["hidden_size"])
+    work = tokens * float(arch["hidden_size"]) * float(arch["intermediate_size"])
     scale = coefficients[f"window_{kind}_scale"] * 1e-10
     cap = coefficients[f"window_{kind}_cap_gb"] * GB
     layers = float(min(1.0, adapted / 16.0) ** coefficients["window_layers_power"])
-    window = min(scale * tokens * hidden * hidden * layers * GB, cap)
-    if 8 <= shape.bits < 16:
-        window *= coefficients["window_8bit"]
-    return window
+    return min(scale * work * layers * GB, cap)
+
+
+def window_envelope(window: float, shape: TrainingShape) -> float:
+    """The most the in-flight window can take, for the conservative figure: the window plus
+    what the measured runs of its kind took above theirs, as a share of the window
+    (ENVELOPE_SHARE) up to a most in GB (ENVELOPE_GB), both fitted. How far MLX queues
+    depends on how fast the host encodes against how fast the device runs: one shape
+    (llama-3.2-1b, 8-bit, 2 x 2048 tokens) queued 5.4 GB on the H100 host, 11.9 GB on the
+    H200 host."""
+    kind = window_class(shape)
+    return window + min(ENVELOPE_GB[kind] * GB, ENVELOPE_SHARE[kind] * window)
 
 
 @dataclass(frozen=True)
@@ -383,7 +393,7 @@ def estimate_training_memory(
     graph = {t: coefficients.get(t, 0.0) * features[t] for t in GRAPH_TERMS}
     if shape.in_flight == "mlx":
         window = window_bytes(effective, shape, coefficients)
-        envelope = window * ENVELOPE_MARGIN[window_class(shape)]
+        envelope = window_envelope(window, shape)
     else:  # one op in flight: nothing beyond the graph (the graph terms were fitted so)
         window = envelope = 0.0
     exact = weights + lora + gradients + optimizer
@@ -393,7 +403,9 @@ def estimate_training_memory(
     mlx_peak_conservative = max(exact + graph_total * margin + max(window, envelope), mlx_peak)
     overhead = backend_overhead_bytes(shape, graph_total, window, conservative=False)
     # The conservative shares were fitted to cover every run against its graph and window.
-    overhead_conservative = backend_overhead_bytes(shape, graph_total, window, conservative=True)
+    overhead_conservative = backend_overhead_bytes(
+        shape, graph_total, max(window, envelope), conservative=True
+    )
     # The build (weights made a slice at a time, as a model loads from disk) needs the
     # weights and what the backend holds; training needs more, except for odd shapes.
     build = weights + SLICE_BYTES + BACKEND_OVERHEAD[shape.backend]["process_gb"] * GB
