@@ -7,7 +7,7 @@
         results/h200-footprint-bounded.jsonl results/h200-footprint-alone.jsonl --write
 
 What is fitted is what the estimator cannot derive exactly (weights, LoRA parameters,
-gradients and Adam state are exact). Two parts, two kinds of run:
+gradients and Adam state are exact):
 
 - the graph terms (``--graph``): runs measured with the probe's default ``--in-flight
   bounded`` (or, in older results, ``MLX_MAX_OPS_PER_BUFFER=1 MLX_MAX_MB_PER_BUFFER=1`` set by
@@ -15,14 +15,17 @@ gradients and Adam state are exact). Two parts, two kinds of run:
   least squares on relative error. Also printed: the least GRAPH_MARGIN under which the
   conservative estimate covers every graph run.
 - the in-flight window (``--window``): runs with MLX's defaults (``--in-flight mlx``). With
-  the graph terms fixed, the window's coefficients, the blocks it spans and its cap are
-  fitted to minimise the mean plus half the max relative error of the whole estimate
-  (Nelder-Mead from a grid of starts). The envelope (used by the conservative estimate) is
-  the least window, by linear programming, that is at least every measured window.
+  the graph terms fixed, the window's scale and cap per kind of run and the power on the
+  adapted blocks are fitted by least squares on the relative error of the whole MLX peak
+  (from a grid of starts). The envelope (used by the conservative estimate) adds the least
+  GB, and the least share of the window, that cover every measured run (fit_envelope).
+- the backend overhead (``--footprint``, ``--footprint-mlx``): runs with the probe's
+  footprint fields. The window's conservative cache share is fitted on the envelope
+  (fit_window_cover), so a command with ``--window`` and ``--footprint`` fits both.
 
 Prints the fitted coefficients and the errors; nothing is written unless ``--write`` is given,
 which stores the fit in ``pytest_yourai/calibration.json``, the package data the estimator
-loads (CALIBRATION, BACKEND_OVERHEAD, the envelope margin): no coefficient is pasted by hand.
+loads (CALIBRATION, BACKEND_OVERHEAD, the envelope): no coefficient is pasted by hand.
 ``benchmarks/results/manifest.json`` ("calibration") lists the commands that made the
 committed file, in order. ``--holdout`` files are reported with the fitted coefficients but
 not fitted.
@@ -61,6 +64,7 @@ from pytest_yourai.estimator import (
     weight_bytes,
     window_bytes,
     window_class,
+    window_envelope,
 )
 from pytest_yourai.fields import BACKENDS
 from pytest_yourai.preflight import estimate_with_census
@@ -211,8 +215,7 @@ def fit_window_cover(
         window = window_bytes(arch, shape, coefficients)
         if shape.in_flight != "mlx" or window <= 0:
             continue
-        kind = window_class(shape)
-        most = window + min(envelope[0][kind] * GB, envelope[1][kind] * window)
+        most = window_envelope(window, shape, *envelope)
         graph = graph_bytes(features(r), coefficients)
         margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
         cache = "cache_checkpoint" if shape.grad_checkpoint else "cache"

@@ -227,7 +227,12 @@ def window_bytes(
     return min(scale * work * layers * GB, cap)
 
 
-def window_envelope(window: float, shape: TrainingShape) -> float:
+def window_envelope(
+    window: float,
+    shape: TrainingShape,
+    most_gb: Mapping[str, float] = ENVELOPE_GB,
+    share: Mapping[str, float] = ENVELOPE_SHARE,
+) -> float:
     """The most the in-flight window can take, for the conservative figure: the window plus
     what the measured runs of its kind took above theirs, as a share of the window
     (ENVELOPE_SHARE) up to a most in GB (ENVELOPE_GB), both fitted. How far MLX queues
@@ -235,7 +240,7 @@ def window_envelope(window: float, shape: TrainingShape) -> float:
     (llama-3.2-1b, 8-bit, 2 x 2048 tokens) queued 5.4 GB on the H100 host, 11.9 GB on the
     H200 host."""
     kind = window_class(shape)
-    return window + min(ENVELOPE_GB[kind] * GB, ENVELOPE_SHARE[kind] * window)
+    return window + min(most_gb[kind] * GB, share[kind] * window)
 
 
 @dataclass(frozen=True)
