@@ -110,13 +110,21 @@ def as_probe_record(record: dict[str, Any]) -> dict[str, Any] | None:
     result = {key: row[key] for key in fields if key in row}
     result.update(status="ok", config=config, survival=True)
     grid = {key: entry[key] for key in ("preset", "config") if key in entry}
-    if "config" in grid and not record.get("head_dim_derived"):
-        # Survival runs made before the plugin derived a missing head_dim (presets.with_defaults)
-        # built the model with transformers' default-sized one (128 for Llama, not SmolLM2's 64).
-        from pytest_yourai.presets import transformers_defaults
+    return {"grid": as_built(record, grid), "result": result}
 
-        arch = architecture(grid)
-        filled = transformers_defaults(str(arch.get("model_type"))).get("head_dim")
-        if "head_dim" not in arch and filled is not None:
-            grid["overrides"] = {"head_dim": filled}
-    return {"grid": grid, "result": result}
+
+def as_built(record: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+    """A survival record's grid line (``entry``), naming the model its run built.
+
+    Survival runs made before the plugin derived a missing head_dim (presets.with_defaults)
+    built the model with transformers' default-sized one (128 for Llama, not SmolLM2's 64):
+    for those, the line gets that head_dim as an override."""
+    if "config" not in entry or record.get("head_dim_derived"):
+        return entry
+    from pytest_yourai.presets import transformers_defaults
+
+    arch = architecture(entry)
+    filled = transformers_defaults(str(arch.get("model_type"))).get("head_dim")
+    if "head_dim" in arch or filled is None:
+        return entry
+    return {**entry, "overrides": {"head_dim": filled}}

@@ -39,6 +39,7 @@ from typing import Any
 from results_io import (
     append_record,
     architecture,
+    as_built,
     canonical,
     done_keys,
     read_grid,
@@ -308,11 +309,13 @@ def lora_reference(entry: dict[str, Any], holder: Holder, work: Path, go_gb: flo
 
 
 def report(paths: list[Path]) -> int:
-    """Each attempt's verdict, and the estimate against what the go runs measured (they are
-    held out: the estimator was never fitted to them)."""
-    import statistics
-
-    base_errors, peak_errors, ratios, smi = [], [], [], []
+    """Each attempt's verdict, and the estimates against what the go runs measured: the
+    pre-flight's own estimate when it ran (the record keeps it: the held-out figure, for an
+    estimator fitted before the run), and today's estimator (which may have been fitted to
+    these runs since)."""
+    then: list[tuple[float, float]] = []
+    today: list[tuple[float, float, float]] = []
+    smi = []
     for record in read_records(paths):
         row = record.get("row") or {}
         lora = record.get("mlx_lm_lora") or {}
@@ -326,24 +329,33 @@ def report(paths: list[Path]) -> int:
         footprint = row.get("footprint_peak_gb")
         if record["level"] != "go" or not isinstance(footprint, int | float):
             continue
-        entry = record["grid"]
+        then.append(
+            (
+                (record["estimated_base_gb"] - footprint) / footprint * 100,
+                record["estimated_conservative_gb"] / footprint,
+            )
+        )
+        entry = as_built(record, record["grid"])
         presets_file, name = write_preset(entry, Path(tempfile.mkdtemp()))
         estimate = preflight_estimate(presets_file, name, str(entry["in_flight"]))
-        base_errors.append((estimate.estimated_base_gb - footprint) / footprint * 100)
-        ratios.append(estimate.estimated_conservative_gb / footprint)
         peak = float(row["train_peak_memory_gb"])
-        peak_errors.append((estimate.mlx_peak_gb - peak) / peak * 100)
+        today.append(
+            (
+                (estimate.estimated_base_gb - footprint) / footprint * 100,
+                estimate.estimated_conservative_gb / footprint,
+                (estimate.mlx_peak_gb - peak) / peak * 100,
+            )
+        )
         if record.get("nvidia_smi_peak_above_start_gb"):
             seen = float(record["nvidia_smi_peak_above_start_gb"])
             smi.append((footprint - seen) / seen * 100)
-    if base_errors:
-        base = [abs(e) for e in base_errors]
-        peak = [abs(e) for e in peak_errors]
+    if then:
+        print(f"\n{len(then)} go runs")
+        print("  estimate when run:  " + accuracy_line([e for e, _ in then], [r for _, r in then]))
         print(
-            f"\n{len(base)} go runs, held out | footprint: median |e| "
-            f"{statistics.median(base):.1f}%, max {max(base):.1f}%; conservative/measured "
-            f"{min(ratios):.2f}-{max(ratios):.2f} | MLX peak: median |e| "
-            f"{statistics.median(peak):.1f}%, max {max(peak):.1f}%"
+            "  today's estimator:  "
+            + accuracy_line([t[0] for t in today], [t[1] for t in today])
+            + f" | MLX peak: {error_summary([t[2] for t in today])}"
         )
     if smi:
         print(
@@ -351,6 +363,23 @@ def report(paths: list[Path]) -> int:
             f"{min(smi):+.1f}% to {max(smi):+.1f}% ({len(smi)} runs)"
         )
     return 0
+
+
+def error_summary(errors: list[float]) -> str:
+    """Median and largest absolute error, in percent."""
+    import statistics
+
+    size = [abs(e) for e in errors]
+    return f"median |e| {statistics.median(size):.1f}%, max {max(size):.1f}%"
+
+
+def accuracy_line(errors: list[float], ratios: list[float]) -> str:
+    """The footprint base's error and the conservative figure over the measured footprint."""
+    under = sum(r < 1 for r in ratios)
+    return (
+        f"footprint {error_summary(errors)}; conservative/measured "
+        f"{min(ratios):.2f}-{max(ratios):.2f}, under {under}"
+    )
 
 
 def main() -> int:
