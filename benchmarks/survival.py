@@ -41,7 +41,6 @@ from results_io import (
     architecture,
     as_built,
     canonical,
-    done_keys,
     read_grid,
     read_jsonl,
     read_records,
@@ -397,11 +396,12 @@ def main() -> int:
     )
     args = parser.parse_args()
     entries = read_grid(args.grid)
-    done = done_keys(args.out, lambda record: [record["grid"], record["level"]])
+    earlier = read_jsonl(args.out) if args.out.exists() else []
+    done = {canonical([record["grid"], record["level"]]) for record in earlier}
     # A rerun's 0.85 levels need the footprints its go runs measured before.
     measured = {
         canonical(record["grid"]): (record.get("row") or {}).get("footprint_peak_gb")
-        for record in (read_jsonl(args.out) if args.out.exists() else [])
+        for record in earlier
         if record["level"] == "go"
     }
     levels = [level.strip() for level in args.levels.split(",")]
