@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.version import Version
 
 from pytest_yourai.autoconfig import CONFIG_POLICIES
 from pytest_yourai.errors import YouraiUsageError
@@ -26,7 +27,7 @@ class Option:
     flag: str
     ini: str | None
     help: str
-    kind: str  # "bool" | "float" | "str" | "path" | "choice" | "list" | "command"
+    kind: str  # a key of _INI_TYPES: "bool" | "float" | "percent" | "path" | "choice" | ...
     default: Any = None
     choices: tuple[str, ...] = ()
     metavar: str | None = None
@@ -34,6 +35,34 @@ class Option:
     @property
     def dest(self) -> str:
         return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def ini_type(self) -> Any:
+        """The type pytest checks and converts the ini value to, as this pytest knows them.
+
+        A native ``[tool.pytest]`` table (pytest 9) must then hold a TOML boolean, number or
+        array where the key is one, as a user writes it; ini files, ``[tool.pytest.ini_options]``
+        and ``-o`` keep giving strings, which pytest converts the same way. Where this pytest
+        lacks a type (``float`` before 8.4, unions before 9.2) the key is read as a string
+        and converted here, as before.
+        """
+        return _INI_TYPES[self.kind]
+
+
+_PYTEST = Version(pytest.__version__).release
+_FLOAT = "float" if _PYTEST >= (8, 4) else "string"
+# The kinds of OPTIONS, as pytest's ini types. A percent may be written "5%" too, so where
+# pytest knows unions it is a number or a string.
+_INI_TYPES: dict[str, Any] = {
+    "bool": "bool",
+    "float": _FLOAT,
+    "percent": float | str if _PYTEST >= (9, 2) else _FLOAT,
+    "str": "string",
+    "path": "string",
+    "choice": "string",
+    "list": "args",
+    "command": "args",
+}
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -236,7 +265,7 @@ def add_options(parser: pytest.Parser) -> None:
         help="turn the plugin off: benchmark tests are skipped, nothing is logged "
         "(ini: yourai_enable = false)",
     )
-    parser.addini(ENABLE_INI, "false turns pytest-yourai off", type="string", default=None)
+    parser.addini(ENABLE_INI, "false turns pytest-yourai off", type="bool", default=None)
     for option in OPTIONS:
         if option.kind == "bool":
             group.addoption(
@@ -252,22 +281,29 @@ def add_options(parser: pytest.Parser) -> None:
                 help=option.help,
             )
         if option.ini is not None:
-            # Read as strings and converted here, so every error names the key; a native
-            # TOML value ([tool.pytest]) of another type is taken as it is (see _raw).
-            parser.addini(option.ini, option.help, type="string", default=None)
+            # default None: an unset key is told apart from one set to the default.
+            parser.addini(option.ini, option.help, type=option.ini_type, default=None)
 
 
 def disabled(config: pytest.Config) -> bool:
     """--yourai-disable, or ini yourai_enable = false (checked before anything else)."""
     if config.getoption("yourai_disable", False):
         return True
+    value = _ini(config, ENABLE_INI)
+    return value is not None and not _as_bool(value, f"ini {ENABLE_INI}")
+
+
+def _ini(config: pytest.Config, key: str) -> Any:
+    """The ini value as pytest converted it to the key's type; None when it is not set.
+
+    pytest's own type errors (a TOML string where a boolean belongs, "maybe" for a bool)
+    become usage errors that name the key.
+    """
     try:
-        value = config.getini(ENABLE_INI)
-    except (TypeError, ValueError):
-        value = config.inicfg.get(ENABLE_INI)
-    if value in (None, ""):
-        return False
-    return not _as_bool(value, f"ini {ENABLE_INI}")
+        value = config.getini(key)
+    except (pytest.UsageError, TypeError, ValueError) as exc:
+        raise YouraiUsageError(f"ini {key}: {exc}") from None
+    return None if value in (None, "", []) else value
 
 
 def _raw(config: pytest.Config, option: Option) -> tuple[Any, str]:
@@ -276,12 +312,8 @@ def _raw(config: pytest.Config, option: Option) -> tuple[Any, str]:
     if value is not None:
         return value, option.flag
     if option.ini is not None:
-        try:
-            ini_value = config.getini(option.ini)
-        except (TypeError, ValueError):
-            # pytest 9's native [tool.pytest] table keeps numbers and booleans as such.
-            ini_value = config.inicfg.get(option.ini)
-        if ini_value not in (None, ""):
+        ini_value = _ini(config, option.ini)
+        if ini_value is not None:
             return ini_value, f"ini {option.ini}"
     return option.default, "default"
 
@@ -317,6 +349,8 @@ def _as_names(value: Any, source: str) -> tuple[str, ...]:
 
 
 def _as_command(value: Any, source: str) -> tuple[str, ...]:
+    if isinstance(value, list | tuple):  # an ini value, split by pytest ("args")
+        value = shlex.join(map(str, value))
     try:
         argv = tuple(shlex.split(str(value)))
     except ValueError as exc:

@@ -339,6 +339,10 @@ def test_output_paths_get_their_directories(bench: pytest.Pytester) -> None:
     assert (bench.path / "reports/r.json").exists()
 
 
+@pytest.mark.skipif(
+    int(pytest.__version__.split(".")[0]) < 9,
+    reason="pytest before 9 reads no native [tool.pytest] table",
+)
 def test_ini_paths_resolve_from_the_ini_file_and_native_toml_values(
     bench: pytest.Pytester,
 ) -> None:
@@ -364,7 +368,8 @@ def test_bad_ini_value_names_the_ini_key(bench: pytest.Pytester) -> None:
     bench.makeini("[pytest]\nyourai_timeout = never\n")
     result = bench.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: ini yourai_timeout: expected a number, got 'never'"])
+    # pytest converts the ini value to the key's type (float); the error names key and value.
+    result.stderr.fnmatch_lines(["ERROR: ini yourai_timeout:*'never'*"])
 
 
 def test_presets_file_adds_presets(bench: pytest.Pytester) -> None:
@@ -502,7 +507,8 @@ def test_an_unknown_model_type_names_close_matches(bench: pytest.Pytester) -> No
 def test_the_yourai_command_runs_the_module_command_lines(tmp_path: Path) -> None:
     import shutil
 
-    yourai = shutil.which("yourai")
+    # beside this Python (a venv that is not activated), else on PATH
+    yourai = shutil.which("yourai", path=str(Path(sys.executable).parent)) or shutil.which("yourai")
     assert yourai is not None, "the console script is installed with the package"
     usage = subprocess.run([yourai], capture_output=True, text=True, check=False)
     assert usage.returncode == 2 and "estimate, probe, log, compare" in usage.stderr
