@@ -13,6 +13,9 @@ the same function (preflight.memory_decision over preflight.plan), so they canno
 On Metal a size is the Mac's RAM, turned into what macOS lets the GPU use by the rule the
 pre-flight falls back on (memory.metal_working_set_gb, where the sources are cited); a Mac's
 own pre-flight reads the real figure from MLX.
+
+Without ``--backend`` the map is for Macs on a Mac and, elsewhere, for this machine's backend
+as the plugin infers it (memory.detect_backend).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from pytest_yourai.fields import (
     non_negative_float,
     run_pins,
 )
-from pytest_yourai.memory import metal_working_set_gb
+from pytest_yourai.memory import detect_backend, metal_working_set_gb
 from pytest_yourai.preflight import RUN, Preflight, memory_decision
 from pytest_yourai.presets import Preset, catalog, pick, preset_from_config_json
 
@@ -216,7 +219,11 @@ def parser() -> argparse.ArgumentParser:
         "(--yourai-config fit) would run on a machine with that much available.",
     )
     parser.add_argument(
-        "--backend", choices=BACKENDS, help="metal (the default on a Mac), cuda or cpu"
+        "--backend",
+        choices=BACKENDS,
+        help="metal, cuda or cpu (default: metal on a Mac; elsewhere this machine's backend, "
+        "inferred as the plugin does without importing MLX: cuda where MLX's CUDA build and "
+        "nvidia-smi are installed, else cpu)",
     )
     parser.add_argument(
         "--memory",
@@ -281,16 +288,21 @@ def check_plot_path(path: Path) -> None:
         ) from None
 
 
+def default_backend(chosen: str | None) -> str:
+    """``--backend`` when given; on a Mac, metal (the map is for Macs one may not own yet);
+    elsewhere the backend the pytest run infers for this machine (memory.detect_backend,
+    which reads installed distributions and never imports mlx)."""
+    if chosen is not None:
+        return chosen
+    return "metal" if sys.platform == "darwin" else detect_backend()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit codes: 0, 2 for a malformed command line (argparse), 4 for a bad value (a
     presets file, a size, a preset name, a plot path), as the plugin's usage errors."""
     args = parser().parse_args(argv)
     prog = "yourai fit"
-    backend = args.backend
-    if backend is None:
-        if sys.platform != "darwin":
-            parser().error("choose --backend metal, cuda or cpu (metal is the default on a Mac)")
-        backend = "metal"
+    backend = default_backend(args.backend)
     if args.need and args.presets:
         parser().error("--need takes one --preset (or --config), not --presets")
     try:

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from pytest_yourai.fit import MAC_SIZES_GB, available_for, fit_map
-from pytest_yourai.memory import metal_working_set_gb
+from pytest_yourai.memory import detect_backend, metal_working_set_gb
 from pytest_yourai.presets import builtin_presets
 from tests.helpers import events, read_log
 
@@ -122,6 +122,24 @@ def test_json_contract() -> None:
             assert all(c[name] is None for name in CONFIG_FIELDS)
         else:
             assert c["estimated_conservative_gb"] <= c["memory_gb"] - 2.0
+
+
+def test_backend_defaults_to_this_machines() -> None:
+    """Without --backend: metal on a Mac, elsewhere the backend the plugin infers for this
+    machine (memory.detect_backend, as a run with a custom probe sees it); --backend wins."""
+    expected = "metal" if sys.platform == "darwin" else detect_backend()
+    default = yourai_fit("--json", "--memory", "24,80", "--presets", "tiny-llama,llama-8b")
+    assert default.returncode == 0, default.stderr
+    document = json.loads(default.stdout)
+    assert document["backend"] == expected
+    explicit = yourai_fit(
+        "--json", "--memory", "24,80", "--presets", "tiny-llama,llama-8b", "--backend", expected
+    )
+    assert json.loads(explicit.stdout) == document
+    other = next(b for b in ("cuda", "cpu") if b != expected)
+    chosen = yourai_fit("--json", "--memory", "24", "--backend", other)
+    assert chosen.returncode == 0, chosen.stderr
+    assert json.loads(chosen.stdout)["backend"] == other
 
 
 def test_default_sizes_and_markdown() -> None:
