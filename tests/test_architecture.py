@@ -10,8 +10,24 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).parent.parent / "pytest_yourai"
-MODULES = {path.stem: ast.parse(path.read_text()) for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def module_name(path: Path) -> str:
+    """A module's name below the package: "judge", "probe" (its __init__), "probe.build"."""
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): ast.parse(path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))}
 MAX_FUNCTION_LINES = 60
+
+
+def resolve(dotted: str) -> str | None:
+    """The module of this package that an imported name below ``pytest_yourai.`` is."""
+    parts = dotted.split(".")
+    while parts and ".".join(parts) not in MODULES:
+        parts.pop()
+    return ".".join(parts) or None
 
 
 def package_imports(tree: ast.Module) -> set[str]:
@@ -20,14 +36,16 @@ def package_imports(tree: ast.Module) -> set[str]:
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module.startswith("pytest_yourai."):
-                found.add(node.module.split(".")[1])
+                base = node.module.removeprefix("pytest_yourai.")
+                names = [resolve(f"{base}.{alias.name}") for alias in node.names]
+                found |= {name for name in names if name is not None} or {resolve(base)}
             elif node.module == "pytest_yourai":
                 found |= {alias.name for alias in node.names if alias.name in MODULES}
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("pytest_yourai."):
-                    found.add(alias.name.split(".")[1])
-    return found
+                    found.add(resolve(alias.name.removeprefix("pytest_yourai.")))
+    return found - {None}
 
 
 GRAPH = {name: package_imports(tree) - {name} for name, tree in MODULES.items()}
@@ -83,10 +101,18 @@ def test_leaves_stay_leaves() -> None:
     }
 
 
+def in_probe(name: str) -> bool:
+    return name == "probe" or name.startswith("probe.")
+
+
 def test_the_pytest_process_never_imports_mlx() -> None:
-    """Only the probe imports mlx (and mlx_lm): a crash in MLX must stay in the probe."""
+    """Only the probe package imports mlx (and mlx_lm): a crash in MLX must stay in the probe,
+    which the pytest process only spawns; of the rest, only the ``yourai probe`` command
+    imports it (to run it in its own process)."""
+    importers = {m for m, deps in GRAPH.items() if any(in_probe(d) for d in deps)}
+    assert {m for m in importers if not in_probe(m)} <= {"cli"}
     for name, tree in MODULES.items():
-        if name == "probe":
+        if in_probe(name):
             continue
         for node in ast.walk(tree):
             modules = (
