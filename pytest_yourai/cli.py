@@ -1,7 +1,8 @@
-"""The ``yourai`` console script: ``yourai estimate|probe|log|compare|fit ...`` runs the same
-code as ``python -m pytest_yourai.estimate``, ``python -m pytest_yourai.probe``,
-``python -m pytest_yourai.log``, ``python -m pytest_yourai.compare`` and
-``python -m pytest_yourai.fit``. Each subcommand's module is imported only when it runs.
+"""The ``yourai`` console script: ``yourai estimate|probe|log|compare|fit|check ...`` runs the
+same code as ``python -m pytest_yourai.estimate``, ``python -m pytest_yourai.probe``,
+``python -m pytest_yourai.log``, ``python -m pytest_yourai.compare``,
+``python -m pytest_yourai.fit`` and ``python -m pytest_yourai.check``. Each subcommand's
+module is imported only when it runs.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ def _compare_main(argv: list[str]) -> int:
     return compare_main(argv)
 
 
+def _check_main(argv: list[str]) -> int:
+    from pytest_yourai.check import main as check_main
+
+    return check_main(argv)
+
+
 def _fit_main(argv: list[str]) -> int:
     from pytest_yourai.fit import main as fit_main
 
@@ -46,6 +53,7 @@ SUBCOMMANDS = {
     "log": _log_main,
     "compare": _compare_main,
     "fit": _fit_main,
+    "check": _check_main,
 }
 
 

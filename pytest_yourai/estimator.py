@@ -257,6 +257,9 @@ class TrainingShape:
     grad_checkpoint: bool = False
     backend: str = "cpu"
     in_flight: str = "mlx"
+    # mlx_lm.lora's optimizer (OPTIMIZER_STATES) and grad_accumulation_steps
+    optimizer: str = "adam"
+    grad_accumulation_steps: int = 1
 
 
 @dataclass(frozen=True)
@@ -341,6 +344,26 @@ def lora_parameter_count(arch: Mapping[str, Any], lora_rank: int, lora_layers: i
 FORMULA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", "gemma2"})
 
 
+# State per trainable element, as mlx.optimizers keeps it (zeros_like(param): float32 for
+# LoRA), read from mlx/optimizers/optimizers.py: Adam and AdamW keep m and v; SGD keeps v even
+# with momentum 0; Muon keeps v (its Newton-Schulz temporaries are min(rows, cols)^2, tiny for
+# LoRA); Adafactor (beta_1 unset, its default) keeps a row and a column vector per matrix:
+# in + r and r + out for a LoRA pair of r * (in + out) elements, about 1/r of them.
+OPTIMIZER_STATES = {"adam": 2.0, "adamw": 2.0, "sgd": 1.0, "muon": 1.0, "adafactor": 0.0}
+
+
+def optimizer_state_elements(shape: TrainingShape, trainable: float) -> float:
+    if shape.optimizer == "adafactor":
+        return trainable / max(shape.lora_rank, 1)
+    return OPTIMIZER_STATES[shape.optimizer] * trainable
+
+
+def gradient_elements(shape: TrainingShape, trainable: float) -> float:
+    """One gradient tree; accumulating over several steps holds a second, the running sum,
+    between the steps (mlx_lm/tuner/trainer.py's grad_accum)."""
+    return trainable * (2.0 if shape.grad_accumulation_steps > 1 else 1.0)
+
+
 def check_shape(shape: TrainingShape) -> None:
     if shape.backend not in BACKENDS:
         raise ValueError(f"unknown backend {shape.backend!r}; expected one of {BACKENDS}")
@@ -350,6 +373,8 @@ def check_shape(shape: TrainingShape) -> None:
         raise ValueError(
             f"unknown in_flight {shape.in_flight!r}; expected one of {IN_FLIGHT_MODES}"
         )
+    if shape.optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {shape.optimizer!r}; expected {OPTIMIZER_STATES}")
 
 
 def model_bytes(
@@ -391,8 +416,10 @@ def estimate_training_memory(
     model type and what is missing when the estimator cannot estimate it."""
     check_shape(shape)
     effective, weights, lora_params = model_bytes(arch, shape, census)
-    # LoRA weights (float32), their gradients, and Adam's two moments.
-    lora, gradients, optimizer = lora_params * 4.0, lora_params * 4.0, lora_params * 8.0
+    # LoRA weights (float32), their gradients, and the optimizer's state.
+    lora = lora_params * 4.0
+    gradients = gradient_elements(shape, lora_params) * 4.0
+    optimizer = optimizer_state_elements(shape, lora_params) * 4.0
     coefficients = CALIBRATION[shape.backend]
     features = calibration_features(effective, shape, census)
     graph = {t: coefficients.get(t, 0.0) * features[t] for t in GRAPH_TERMS}
@@ -419,14 +446,18 @@ def estimate_training_memory(
         estimated_base_gb=base / GB,
         estimated_conservative_gb=max(mlx_peak_conservative + overhead_conservative, build, base)
         / GB,
-        breakdown=breakdown(weights, lora_params, graph, window, overhead),
+        breakdown=breakdown(weights, (lora, gradients, optimizer), graph, window, overhead),
         mlx_peak_gb=mlx_peak / GB,
         mlx_peak_conservative_gb=mlx_peak_conservative / GB,
     )
 
 
 def breakdown(
-    weights: float, lora_params: float, graph: Mapping[str, float], window: float, overhead: float
+    weights: float,
+    trainable: tuple[float, float, float],
+    graph: Mapping[str, float],
+    window: float,
+    overhead: float,
 ) -> dict[str, float]:
     """Where the base estimate goes, in GB."""
     activations = sum(
@@ -435,9 +466,9 @@ def breakdown(
     )
     return {
         "weights_gb": weights / GB,
-        "lora_parameters_gb": lora_params * 4.0 / GB,
-        "gradients_gb": lora_params * 4.0 / GB,
-        "optimizer_state_gb": lora_params * 8.0 / GB,
+        "lora_parameters_gb": trainable[0] / GB,
+        "gradients_gb": trainable[1] / GB,
+        "optimizer_state_gb": trainable[2] / GB,
         "activations_gb": (activations + graph["hidden"]) / GB,
         "attention_scores_gb": (graph["scores"] + graph["scores_transient"]) / GB,
         "logits_and_loss_gb": (graph["logits"] + graph["softcap"]) / GB,

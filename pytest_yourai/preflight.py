@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from pytest_yourai.autoconfig import (
@@ -34,6 +35,7 @@ from pytest_yourai.fields import (
     PREFLIGHT_FIELDS,
     default_dtype,
 )
+from pytest_yourai.lora_data import data_line
 from pytest_yourai.presets import Preset
 from pytest_yourai.throughput import TimeModel, predict_seconds
 
@@ -107,8 +109,10 @@ class Preflight:
         """What the test's ``yourai_*`` properties carry (JUnit, the controller's rows):
         the record's known values, the preset's size, and ``context`` (host, worker...)."""
         values = {k: v for k, v in self.record().items() if v is not None and v != ""}
+        data = data_line(self.preset.lora)
         return {
             **values,
+            **({"data": data} if data else {}),
             "params": self.preset.params,
             "param_count": self.preset.parameter_count,
             **context,
@@ -131,6 +135,7 @@ class Preflight:
             "estimated_base_gb": round(self.estimate.estimated_base_gb, 4),
             "estimated_conservative_gb": round(self.estimate.estimated_conservative_gb, 4),
             "available_gb": round(self.available_gb, 3),
+            **lora_spec(self.preset.lora),
         }
 
     def weights_gb(self) -> float:
@@ -164,7 +169,19 @@ def training_shape(
         grad_checkpoint=bool(pins.get("grad_checkpoint", False)),
         backend=backend,
         in_flight=in_flight,
+        **lora_shape(preset.lora),
     )
+
+
+def lora_shape(lora: Mapping[str, Any]) -> dict[str, Any]:
+    """The estimator's view of an mlx_lm.lora config's trainer options."""
+    run = lora.get("run")
+    if not run:
+        return {}
+    return {
+        "optimizer": run["optimizer"],
+        "grad_accumulation_steps": int(run["grad_accumulation_steps"]),
+    }
 
 
 @dataclass(frozen=True)
@@ -311,11 +328,30 @@ def estimate_with_census(
     return estimate_training_memory(arch, shape, census)
 
 
+def lora_spec(lora: Mapping[str, Any]) -> dict[str, Any]:
+    """An mlx_lm.lora config's part of the probe's spec: what to train, and the batches
+    its data makes (longest first), where it has data."""
+    if not lora:
+        return {}
+    spec: dict[str, Any] = {"lora_run": dict(lora["run"]), "model_dir": lora["model_dir"]}
+    if any(Path(lora["model_dir"]).glob("*.safetensors")):
+        spec["weights"] = lora["model_dir"]  # the user's own weights, as mlx-lm loads them
+    data = lora.get("batches")
+    if data:
+        spec["batch_shapes"] = data["train"]["probe_shapes"]
+        spec["val_batch_shapes"] = data["valid"]["probe_shapes"]
+    return spec
+
+
 def find_census(
     preset: Preset, backend: str, cache: Any = None
 ) -> tuple[Census | None, str | None]:
     """The model's census (census.py) where the estimate needs one, from the shipped file,
-    pytest's ``cache`` or a child Python; or why none could be taken."""
+    pytest's ``cache`` or a child Python; or why none could be taken (also: an mlx_lm.lora
+    config's choices the estimator has no term for yet, named)."""
+    unmodeled = preset.lora.get("unmodeled")
+    if unmodeled:
+        return None, f"not modeled yet: {'; '.join(unmodeled)}"
     if not needs_census(preset.architecture):
         return None, None
     shape = training_shape(preset, BenchmarkConfig(1, 1, 1), backend)

@@ -15,7 +15,7 @@ import json
 import os
 import re
 import tomllib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +56,8 @@ class Preset:
     architecture: Mapping[str, Any]
     pins: Mapping[str, Any] = field(default_factory=dict)
     source: str = "built-in"
+    # An mlx_lm.lora YAML's fine-tune (lora_preset.py): plain JSON values, empty otherwise.
+    lora: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def parameter_count(self) -> int:
@@ -329,7 +331,7 @@ def preset_records(presets: Iterable[Preset]) -> str:
     return json.dumps(
         [
             {"name": p.name, "repo": p.repo, "params": p.params, "source": p.source,
-             "architecture": dict(p.architecture), "pins": dict(p.pins)}
+             "architecture": dict(p.architecture), "pins": dict(p.pins), "lora": dict(p.lora)}
             for p in presets
         ]
     )  # fmt: skip
@@ -343,12 +345,18 @@ def builtin_presets() -> dict[str, Preset]:
     return {preset.name: preset for preset in (*BUILTIN_PRESETS, *_MIXTURES)}
 
 
-def catalog(presets_file: Path | None, source: str) -> dict[str, Preset]:
+# Builds a preset from a ``[presets.NAME] lora_config = PATH`` table: (path, name, where).
+LoraTable = Callable[[Path, str, str], Preset]
+
+
+def catalog(
+    presets_file: Path | None, source: str, lora_table: LoraTable | None = None
+) -> dict[str, Preset]:
     """The built-in presets, and a presets file's on top (``source`` names where its path
     came from, for errors)."""
     presets = builtin_presets()
     if presets_file is not None:
-        presets.update(load_presets_file(presets_file, source))
+        presets.update(load_presets_file(presets_file, source, lora_table))
     return presets
 
 
@@ -430,29 +438,36 @@ def with_defaults(arch: Mapping[str, Any]) -> dict[str, Any]:
     model_type = str(arch.get("model_type"))
     defaults = transformers_defaults(model_type)
     merged = {**defaults, **arch}
-    if "head_dim" in defaults and "head_dim" not in arch:
-        derived = _transformers_head_dim(
-            model_type, arch.get("hidden_size"), arch.get("num_attention_heads")
-        )
-        if derived is None:
-            merged.pop("head_dim")
-        else:
-            merged["head_dim"] = derived
+    for key in _DERIVED:
+        if key in defaults and key not in arch:
+            derived = _transformers_derived(
+                model_type, arch.get("hidden_size"), arch.get("num_attention_heads")
+            ).get(key)
+            if derived is None:
+                merged.pop(key)
+            else:
+                merged[key] = derived
     return merged
 
 
+# Fields transformers derives from hidden size and heads where a config leaves them out (a
+# default-sized config's value would be wrong): head_dim (Llama, Mistral) and the key/value
+# heads (most types: as many as the attention heads; Gemma's is a constant).
+_DERIVED = ("head_dim", "num_key_value_heads")
+
+
 @functools.cache
-def _transformers_head_dim(model_type: str, hidden: Any, heads: Any) -> int | None:
-    """The ``head_dim`` transformers gives a config of this type, hidden size and heads."""
+def _transformers_derived(model_type: str, hidden: Any, heads: Any) -> dict[str, int]:
+    """The _DERIVED fields transformers gives a config of this type, hidden size and heads."""
     try:
         from transformers import CONFIG_MAPPING  # type: ignore[import-not-found,unused-ignore]
 
         make: Any = CONFIG_MAPPING[model_type]
         config = make(hidden_size=hidden, num_attention_heads=heads)
-    except Exception:  # no transformers, or a config it will not make: mlx-lm derives it
-        return None
-    value = getattr(config, "head_dim", None)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    except Exception:  # no transformers, or a config it will not make: mlx-lm derives them
+        return {}
+    values = {key: getattr(config, key, None) for key in _DERIVED}
+    return {k: v for k, v in values.items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 def validate_architecture(arch: Mapping[str, Any], where: str) -> None:
@@ -480,7 +495,7 @@ def _validate_pin(name: str, value: Any, where: str) -> None:
         raise YouraiUsageError(f"{where}: {name} must be a positive integer, got {value!r}")
 
 
-def _load_config_json(path: Path, where: str) -> dict[str, Any]:
+def load_config_json(path: Path, where: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -511,7 +526,7 @@ def preset_from_table(name: str, table: Mapping[str, Any], base_dir: Path, sourc
         config_path = Path(config_ref)
         if not config_path.is_absolute():
             config_path = base_dir / config_path
-        architecture = _load_config_json(config_path, where)
+        architecture = load_config_json(config_path, where)
         unknown = sorted(set(table) - known)
     else:
         inline = table.get("architecture")
@@ -577,7 +592,9 @@ _KNOWN_ARCH_OPTIONAL = frozenset(
 )
 
 
-def load_presets_file(path: Path, source: str) -> dict[str, Preset]:
+def load_presets_file(
+    path: Path, source: str, lora_table: LoraTable | None = None
+) -> dict[str, Preset]:
     """Read a presets TOML file; every problem is a YouraiUsageError naming the bad value."""
     where = f"{source} {path}"
     try:
@@ -600,12 +617,35 @@ def load_presets_file(path: Path, source: str) -> dict[str, Preset]:
     for name, table in tables.items():
         if not isinstance(table, dict):
             raise YouraiUsageError(f"{where}: presets.{name} must be a table")
-        presets[name] = preset_from_table(name, table, path.parent, where)
+        if "lora_config" in table:
+            presets[name] = _lora_table(name, table, path.parent, where, lora_table)
+        else:
+            presets[name] = preset_from_table(name, table, path.parent, where)
     return presets
 
 
+def _lora_table(
+    name: str, table: Mapping[str, Any], base_dir: Path, where: str, build: LoraTable | None
+) -> Preset:
+    """``[presets.NAME] lora_config = "lora.yaml"``: the YAML is the whole preset."""
+    here = f"{where}: [presets.{name}]"
+    extra = sorted(set(table) - {"lora_config"})
+    if extra:
+        raise YouraiUsageError(
+            f"{here}: a lora_config preset takes nothing else (the YAML sets the run); "
+            f"got {', '.join(extra)}"
+        )
+    value = table["lora_config"]
+    if not isinstance(value, str) or not value:
+        raise YouraiUsageError(f"{here}: lora_config must be a path string, got {value!r}")
+    if build is None:
+        raise YouraiUsageError(f"{here}: lora_config presets are not read here")
+    config_path = Path(value).expanduser()
+    return build(config_path if config_path.is_absolute() else base_dir / config_path, name, here)
+
+
 def preset_from_config_json(path: Path, name: str | None = None) -> Preset:
-    architecture = _load_config_json(path, f"--config {path}")
+    architecture = load_config_json(path, f"--config {path}")
     validate_architecture(architecture, f"--config {path}")
     architecture = with_defaults(architecture)
     count = count_parameters(architecture)

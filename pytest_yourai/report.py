@@ -57,6 +57,8 @@ def item_lines(row: ResultRow, index: int, total: int | None) -> list[str]:
         if row.get("insufficient"):
             lines.append("  ⚠️  WARNING: Available memory may be insufficient")
         lines.append(f"  Config: {config_text(row)}")
+        if row.get("data"):
+            lines.append(f"  Data: {row.get('data')}")
     search = row.get("search")
     if search:
         found = json.loads(search)

@@ -32,11 +32,12 @@ from pytest_yourai.eventlog import (
     check_log_path,
 )
 from pytest_yourai.files import prepare_output
+from pytest_yourai.lora_data import check_built_model, data_record, with_data
+from pytest_yourai.lora_preset import lora_catalog
 from pytest_yourai.machine import Machine
 from pytest_yourai.preflight import SKIP_NO_MLX, Preflight, find_census, plan
 from pytest_yourai.presets import (
     Preset,
-    catalog,
     pick,
     presets_from_hook,
     presets_from_records,
@@ -54,13 +55,26 @@ PRESET_ARG = "yourai_preset"
 def load_presets(config: pytest.Config, settings: Settings) -> list[Preset]:
     """Built-in presets, the presets file's, and those of ``pytest_yourai_presets`` hooks;
     filtered by ``--yourai-presets`` and ordered smallest first."""
-    presets = catalog(settings.presets_file, settings.source("yourai_presets_file"))
+    presets = lora_catalog(
+        settings.presets_file,
+        settings.source("yourai_presets_file"),
+        settings.lora_configs,
+        settings.source("yourai_lora_config"),
+    )
     for found in config.hook.pytest_yourai_presets(config=config):
         presets.update(presets_from_hook(found, Path(config.rootpath), "pytest_yourai_presets"))
     if settings.preset_names is not None:
         chosen = pick(presets, settings.preset_names, settings.source("yourai_presets"))
         presets = {preset.name: preset for preset in chosen}
-    return sort_smallest_first(presets.values())
+    elif settings.lora_configs:  # the user's own fine-tunes, unless presets are named too
+        named = {Path(path).stem for path in settings.lora_configs}
+        presets = {name: preset for name, preset in presets.items() if name in named}
+    cache = getattr(config, "cache", None)
+    data_cache = Path(cache.mkdir("yourai-data")) if cache is not None else None
+    for preset in presets.values():
+        if preset.lora:
+            check_built_model(preset, cache)
+    return sort_smallest_first(with_data(p, data_cache) for p in presets.values())
 
 
 def check_output_paths(settings: Settings, reports: bool = True) -> None:
@@ -254,5 +268,10 @@ class YouraiSession:
             census=census,
             refusal=refusal,
         )
-        self.log.write_event(PREFLIGHT_CHECK, **result.record(), memory_source=machine.source)
+        self.log.write_event(
+            PREFLIGHT_CHECK,
+            **result.record(),
+            **data_record(preset.lora),
+            memory_source=machine.source,
+        )
         return result

@@ -62,6 +62,8 @@ _INI_TYPES: dict[str, Any] = {
     "choice": "string",
     "list": "args",
     "command": "args",
+    # pytest 8.0's "paths" fails without an ini file (-o alone); "args" are resolved here alike
+    "paths": "paths" if _PYTEST >= (8, 1) else "args",
 }
 
 
@@ -86,6 +88,15 @@ OPTIONS: tuple[Option, ...] = (
         "yourai_presets_file",
         "TOML file of extra presets, one [presets.NAME] table each",
         "path",
+        None,
+        metavar="PATH",
+    ),
+    Option(
+        "--yourai-lora-config",
+        "yourai_lora_config",
+        "an mlx_lm.lora YAML config (model, data, options) to benchmark as a preset named "
+        "after the file; repeatable",
+        "paths",
         None,
         metavar="PATH",
     ),
@@ -229,6 +240,7 @@ class Settings:
     force: bool
     log_path: Path
     presets_file: Path | None
+    lora_configs: tuple[Path, ...]
     preset_names: tuple[str, ...] | None
     timeout_s: float
     safety_gb: float
@@ -270,6 +282,15 @@ def add_options(parser: pytest.Parser) -> None:
         if option.kind == "bool":
             group.addoption(
                 option.flag, action="store_true", default=None, dest=option.dest, help=option.help
+            )
+        elif option.kind == "paths":
+            group.addoption(
+                option.flag,
+                action="append",
+                default=None,
+                dest=option.dest,
+                metavar=option.metavar,
+                help=option.help,
             )
         else:
             group.addoption(
@@ -394,6 +415,10 @@ class _Reader:
         base = self.ini_dir if source.startswith("ini ") else self.invocation
         return path if path.is_absolute() else base / path
 
+    def paths(self, value: Any, source: str) -> tuple[Path, ...]:
+        # pytest's "paths" ini type gives them relative to the ini file already
+        return tuple(self.path(item, source) for item in value)
+
     def plot(self, value: Any, source: str) -> Path:
         path = self.path(value, source)
         if path.suffix.lower() not in (".png", ".svg"):
@@ -426,6 +451,7 @@ def resolve(config: pytest.Config) -> Settings:
         force=bool(get("yourai_force", _as_bool)),
         log_path=get("yourai_log", read.path),
         presets_file=get("yourai_presets_file", read.path),
+        lora_configs=get("yourai_lora_config", read.paths) or (),
         preset_names=get("yourai_presets", _as_names),
         timeout_s=get("yourai_timeout", _as_positive),
         safety_gb=get("yourai_safety_gb", _as_float),

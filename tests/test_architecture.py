@@ -81,7 +81,7 @@ def test_leaves_stay_leaves() -> None:
     importers = {name: {m for m, deps in GRAPH.items() if name in deps} for name in GRAPH}
     assert importers["plugin"] == set()
     assert importers["worker"] == importers["controller"] == {"plugin"}
-    for command in ("estimate", "fit", "compare"):
+    for command in ("estimate", "fit", "compare", "check"):
         assert importers[command] <= {"cli"}, command
     assert importers["diagnose"] <= {"cli", "log"}
     assert GRAPH["estimator"] <= {

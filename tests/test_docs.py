@@ -3,6 +3,7 @@ example in them runs (shrunk to the CPU-sized presets where a model is large).""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
@@ -52,13 +53,29 @@ def test_every_toml_example_loads(tmp_path: Path) -> None:
         assert load_presets_file(path, "README")
 
 
+TINY_MODEL = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "vocab_size": 256,
+    "rms_norm_eps": 1e-5,
+}
+
+
 def shrink(command: str) -> list[str]:
     """A documented command as this test runs it: on the test file, the large presets left out."""
     argv = shlex.split(command.split("#", 1)[0].replace("\\\n", " "))
     if argv[0] == "pytest":
         argv = ["python", "-m", *argv]
     argv = ["test_lora_memory.py" if a == "benchmarks/" else a for a in argv]
-    if "-m" in argv and "pytest" in argv and "-k" not in argv:
+    if (
+        "-m" in argv
+        and "pytest" in argv
+        and "-k" not in argv
+        and "--yourai-lora-config" not in argv
+    ):
         argv += ["-k", "tiny-llama or hermes-70b"]
     if "-k" in argv:
         i = argv.index("-k")
@@ -83,6 +100,12 @@ def test_every_command_runs(pytester: pytest.Pytester) -> None:
     (pytester.path / "ci").mkdir()
     (pytester.path / "ci" / "pyproject.toml").write_text(
         next(b for b in blocks(CI, "toml") if "ini_options" in b)
+    )
+    # The README's lora.yaml: a tiny model of the user's, no data (max_seq_length then).
+    (pytester.path / "model").mkdir()
+    (pytester.path / "model" / "config.json").write_text(json.dumps(TINY_MODEL))
+    (pytester.path / "lora.yaml").write_text(
+        "model: model\nbatch_size: 2\nnum_layers: 2\nmax_seq_length: 64\n"
     )
     commands = documented_commands()
     assert len(commands) >= 8

@@ -95,6 +95,33 @@ def test_lora_state_is_sixteen_bytes_per_trainable_parameter() -> None:
     assert lora_state * 1e9 == pytest.approx(trainable * 16)
 
 
+@pytest.mark.parametrize(
+    ("optimizer", "states"),
+    [("adam", 2.0), ("adamw", 2.0), ("sgd", 1.0), ("muon", 1.0), ("adafactor", None)],
+)
+def test_each_optimizer_keeps_its_own_state(optimizer: str, states: float | None) -> None:
+    """mlx.optimizers' state per trainable float32 element; everything else is the same."""
+    shape = replace(BASE, optimizer=optimizer)
+    e = estimate_training_memory(ARCH_7B, shape)
+    lora = e.breakdown["lora_parameters_gb"]  # 4 bytes per trainable element
+    expected = lora / shape.lora_rank if states is None else lora * states
+    assert e.breakdown["optimizer_state_gb"] == pytest.approx(expected)
+    adam = estimate_training_memory(ARCH_7B, BASE)
+    saved = adam.breakdown["optimizer_state_gb"] - e.breakdown["optimizer_state_gb"]
+    assert adam.estimated_base_gb - e.estimated_base_gb == pytest.approx(saved, abs=1e-9)
+
+
+def test_gradient_accumulation_holds_a_second_gradient_tree() -> None:
+    one = estimate_training_memory(ARCH_7B, BASE)
+    accumulating = estimate_training_memory(ARCH_7B, replace(BASE, grad_accumulation_steps=4))
+    assert accumulating.breakdown["gradients_gb"] == pytest.approx(
+        2 * one.breakdown["gradients_gb"]
+    )
+    assert accumulating.estimated_base_gb - one.estimated_base_gb == pytest.approx(
+        one.breakdown["gradients_gb"], abs=1e-9
+    )
+
+
 def test_the_70b_is_far_below_the_seed_formula() -> None:
     # The seed's 2 + 1.8·P puts a 4-bit 70B at 128 GB; packed weights alone are ~40 GB.
     estimate = estimate_training_memory(ARCH_70B, BASE)

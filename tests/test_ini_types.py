@@ -25,6 +25,7 @@ NATIVE_VALUES: dict[str, Any] = {
     "yourai_force": True,
     "yourai_log": "logs/benchmark.jsonl",
     "yourai_presets_file": "presets.toml",
+    "yourai_lora_config": ["lora.yaml", "other.yaml"],
     "yourai_presets": ["tiny-llama", "my-model"],
     "yourai_timeout": 120.5,
     "yourai_safety_gb": 1,
@@ -49,6 +50,7 @@ STRING_VALUES: dict[str, str] = {
     **{key: str(value).lower() for key, value in NATIVE_VALUES.items() if value is True},
     "yourai_log": "logs/benchmark.jsonl",
     "yourai_presets_file": "presets.toml",
+    "yourai_lora_config": "lora.yaml other.yaml",
     "yourai_presets": "tiny-llama,my-model",
     "yourai_timeout": "120.5",
     "yourai_safety_gb": "1",
@@ -84,6 +86,16 @@ seq_len = 32
 """
 
 
+MODEL = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "vocab_size": 256,
+}
+
+
 def toml_value(value: Any) -> str:
     return json.dumps(value)  # JSON's scalars and arrays of strings are TOML too
 
@@ -112,6 +124,10 @@ LAYOUTS: dict[str, tuple[str, str]] = {
 def resolved(pytester: pytest.Pytester, layout: str, monkeypatch: pytest.MonkeyPatch) -> Any:
     pytester.makeconftest(DUMP_CONFTEST)
     pytester.path.joinpath("presets.toml").write_text(PRESETS)
+    (pytester.path / "model").mkdir(exist_ok=True)
+    pytester.path.joinpath("model", "config.json").write_text(json.dumps(MODEL))
+    for name in ("lora.yaml", "other.yaml"):
+        pytester.path.joinpath(name).write_text("model: model\nbatch_size: 1\nnum_layers: 2\n")
     pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")
     dump = pytester.path / "settings.json"
     monkeypatch.setenv("YOURAI_SETTINGS_DUMP", str(dump))

@@ -1,0 +1,219 @@
+"""The batches an mlx_lm.lora config's data makes, as the installed mlx-lm forms them.
+
+Memory is set by the longest batch the data makes, not by ``max_seq_length``. The probe's
+data errand (``python -m pytest_yourai.probe --data-batches SPEC``) loads the tokenizer and
+the data with mlx-lm's own loaders and runs mlx-lm's own ``iterate_batches`` over them once,
+recording every batch's shape: mlx-lm's quirks included, and no mlx in this process. The
+answer is cached by the content of the data and tokenizer files and the settings that shape
+the batches, so a second run costs nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pytest_yourai.census import EstimateRefused, census_for
+from pytest_yourai.errors import YouraiUsageError
+from pytest_yourai.estimator import FORMULA_MODEL_TYPES, is_mixture_of_experts
+from pytest_yourai.fields import DEFAULT_BITS, DEFAULT_GROUP_SIZE, default_dtype
+from pytest_yourai.presets import Preset
+from pytest_yourai.spawn import ask_probe
+
+# Tokenizer files whose content changes how text is tokenized.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+)
+DATA_FILES = ("train.jsonl", "valid.jsonl")
+# Batches the probe trains on beyond the longest: the next distinct shapes in the order
+# mlx-lm meets them, so the allocator's cache over several shapes shows in the footprint.
+PROBE_SHAPES = 4
+ERRAND_TIMEOUT_S = 600.0
+
+
+def errand_spec(preset: Preset) -> dict[str, Any]:
+    lora = preset.lora
+    return {
+        "model": lora["model_dir"],
+        "data": lora["data"],
+        "batch_size": int(preset.pins["batch_size"]),
+        "max_seq_length": int(preset.pins["seq_len"]) + 1,
+        "mask_prompt": bool(lora.get("mask_prompt")),
+        "trust_remote_code": False,
+        **dict(lora.get("features", {})),
+    }
+
+
+def cache_key(spec: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for folder, names in ((spec["data"], DATA_FILES), (spec["model"], TOKENIZER_FILES)):
+        for name in names:
+            path = Path(folder) / name
+            digest.update(name.encode())
+            digest.update(path.read_bytes() if path.is_file() else b"-")
+    return digest.hexdigest()[:24]
+
+
+def probe_shapes(shapes: list[list[int]], limit: int = PROBE_SHAPES) -> list[list[int]]:
+    """The train batches the probe runs: one step on another shape first, then the longest
+    batch, then the next distinct shapes in the order mlx-lm meets them (at least three
+    steps). The longest batch must not come first: after a step, the optimizer's state and
+    the last step's arrays are alive, and on a tiny CPU model its MLX peak was 8% higher there
+    (as in mlx_lm.lora, which met it third) than as the first step."""
+    if not shapes:
+        return []
+    longest = max(shapes, key=lambda s: (s[0] * s[1], s[1]))
+    warm = next((shape for shape in shapes if shape != longest), longest)
+    chosen = [warm, longest]
+    for shape in shapes:
+        if len(chosen) >= limit:
+            break
+        if shape not in chosen:
+            chosen.append(shape)
+    while len(chosen) < 3:
+        chosen.append(longest)
+    return chosen
+
+
+def validation_shapes(shapes: list[list[int]], val_batches: int) -> list[list[int]]:
+    """mlx-lm's evaluate takes the first ``val_batches`` batches of a pass (-1: all)."""
+    return shapes if val_batches < 0 else shapes[:val_batches]
+
+
+def summarize(
+    answer: Mapping[str, Any], spec: Mapping[str, Any], val_batches: int
+) -> dict[str, Any]:
+    """The errand's answer, with what the pre-flight and the probe use of it."""
+    summary: dict[str, Any] = {"train_file": str(Path(spec["data"]) / "train.jsonl")}
+    for split in ("train", "valid"):
+        part = dict(answer.get(split) or {})
+        shapes = [list(map(int, s)) for s in part.get("batch_shapes", [])]
+        if split == "train":
+            part["probe_shapes"] = probe_shapes(shapes)
+        else:
+            part["probe_shapes"] = validation_shapes(shapes, val_batches)
+        part["longest"] = max(shapes, key=lambda s: (s[0] * s[1], s[1])) if shapes else None
+        part["max_seq_length"] = answer.get("max_seq_length", spec["max_seq_length"])
+        summary[split] = part
+    return summary
+
+
+def data_batches(preset: Preset, cache_dir: Path | None, where: str) -> dict[str, Any]:
+    """The batches ``preset``'s data makes (see module doc); a usage error naming the file
+    when mlx-lm could not read it."""
+    spec = errand_spec(preset)
+    data = Path(spec["data"])
+    if not (data / "train.jsonl").is_file():
+        raise YouraiUsageError(f"{where}: data: no train.jsonl in {data}")
+    val_batches = int(preset.lora["run"].get("val_batches", 25))
+    key = cache_key({**spec, "val_batches": val_batches, "probe_shapes": PROBE_SHAPES})
+    cached = cache_dir / f"{key}.json" if cache_dir is not None else None
+    if cached is not None and cached.is_file():
+        return dict(json.loads(cached.read_text()))
+    with tempfile.TemporaryDirectory(prefix="yourai-data-") as scratch:
+        spec_file = Path(scratch) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        answer, problem = ask_probe(["--data-batches", str(spec_file)], None, ERRAND_TIMEOUT_S)
+    if answer is None or answer.get("status") != "ok":
+        message = (answer or {}).get("error") or problem
+        raise YouraiUsageError(f"{where}: data {data}: {message}")
+    summary = summarize(answer, spec, val_batches)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        cached.write_text(json.dumps(summary))
+    return summary
+
+
+def check_built_model(preset: Preset, cache: Any = None) -> None:
+    """mlx-lm builds a model from any config.json it can read, silently taking its own
+    defaults for fields it looks for elsewhere (a Gemma-4 config with its text fields at the
+    top level instead of under ``text_config`` builds the default Gemma-4). Where the
+    estimate is taken from what mlx-lm builds (its census), compare that with the config and
+    refuse a model that is not the one the config describes."""
+    arch = preset.architecture
+    if arch.get("model_type") in FORMULA_MODEL_TYPES and not is_mixture_of_experts(arch):
+        return  # the formula's own model types: built from these very fields
+    pins = preset.pins
+    dtype = str(pins.get("dtype") or default_dtype(arch))
+    bits, group = (
+        int(pins.get("bits", DEFAULT_BITS)),
+        int(pins.get("group_size", DEFAULT_GROUP_SIZE)),
+    )
+    try:
+        census = census_for(arch, bits, group, dtype, cache)
+    except EstimateRefused:
+        return  # the pre-flight says why it cannot estimate
+    # (The census's hidden_size is its widest embedding's, not always the residual width:
+    # Gemma-4's per-layer embeddings are wider. Blocks and vocabulary are exact.)
+    built = {
+        "num_hidden_layers": sum(kind.count for kind in census.blocks),
+        "vocab_size": census.vocab_size,
+    }
+    differ = [k for k, v in built.items() if v is not None and v != arch.get(k)]
+    if differ:
+        said = ", ".join(f"{k} {arch.get(k)}" for k in differ)
+        made = ", ".join(f"{k} {built[k]}" for k in differ)
+        raise YouraiUsageError(
+            f"{preset.source}: the model mlx-lm builds from {preset.lora.get('model_dir')} has "
+            f"{made}, but its config.json says {said}: mlx-lm reads these fields elsewhere "
+            "(e.g. under text_config) and took its defaults; the estimate would be for another "
+            "model"
+        )
+
+
+def with_data(preset: Preset, cache_dir: Path | None) -> Preset:
+    """``preset`` with its data's batches: the longest batch sets the sequence length the
+    estimate and the probe use (the padded length less the one token the model does not
+    see), and ``lora["batches"]`` carries the rest."""
+    from dataclasses import replace
+
+    if not preset.lora.get("data"):
+        return preset
+    summary = data_batches(preset, cache_dir, f"{preset.source}: {preset.name}")
+    longest = summary["train"]["longest"]
+    if longest is None:
+        raise YouraiUsageError(
+            f"{preset.source}: data: {summary['train_file']} makes no batch of "
+            f"{preset.pins['batch_size']} rows"
+        )
+    pins = {**preset.pins, "seq_len": max(1, int(longest[1]) - 1)}
+    return replace(preset, pins=pins, lora={**preset.lora, "batches": summary})
+
+
+def data_record(lora: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``preflight_check`` fields of a preset with data (none without)."""
+    batches = lora.get("batches")
+    if not batches:
+        return {}
+    train = batches["train"]
+    rows, length = train["longest"]
+    return {
+        "data_rows": train.get("rows"),
+        "longest_batch_tokens": [rows, length],
+        "truncated_rows": train.get("truncated_rows"),
+        "data_file": batches["train_file"],
+    }
+
+
+def data_line(lora: Mapping[str, Any]) -> str | None:
+    """'longest batch 4 × 1056 tokens from data/train.jsonl (2 rows truncated at 1024)'."""
+    batches = lora.get("batches")
+    if not batches or batches["train"].get("longest") is None:
+        return None
+    rows, length = batches["train"]["longest"]
+    line = f"longest batch {rows} × {length} tokens from {batches['train_file']}"
+    truncated = int(batches["train"].get("truncated_rows") or 0)
+    if truncated:
+        limit = batches["train"].get("max_seq_length", "max_seq_length")
+        line += f" ({truncated} rows truncated at {limit})"
+    return line
