@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -31,8 +30,7 @@ from pytest_yourai.fields import (
     non_negative_float,
     positive_float,
 )
-from pytest_yourai.lora_data import check_built_model, data_line, with_data
-from pytest_yourai.lora_preset import preset_from_lora_config
+from pytest_yourai.lora_data import data_line, fine_tune_preset
 from pytest_yourai.preflight import RUN, Preflight, memory_decision
 from pytest_yourai.presets import Preset
 
@@ -54,13 +52,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help="default: this machine's")
     p.add_argument("--in-flight", choices=IN_FLIGHT_MODES, default="mlx")
     p.add_argument("--safety-gb", type=non_negative_float, default=DEFAULT_SAFETY_GB)
+    p.add_argument(
+        "--trust-remote-code", action="store_true",
+        help="let the model's tokenizer run its own code to read the data (a YAML's "
+        "trust_remote_code alone never does)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
     return p
-
-
-def data_cache() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "pytest-yourai" / "data"
 
 
 def decide(preset: Preset, memory_gb: float, backend: str, args: argparse.Namespace) -> Preflight:
@@ -142,9 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     backend = args.backend or ("metal" if sys.platform == "darwin" else detect_backend())
     try:
-        preset = preset_from_lora_config(args.config)
-        check_built_model(preset)
-        preset = with_data(preset, data_cache())
+        preset = fine_tune_preset(args.config, trust_remote_code=args.trust_remote_code)
     except YouraiUsageError as exc:
         sys.stderr.write(f"yourai check: error: {exc}\n")
         return EXIT_USAGE

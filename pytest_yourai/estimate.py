@@ -26,6 +26,7 @@ from pytest_yourai.fields import (
     positive_float,
     run_pins,
 )
+from pytest_yourai.lora_data import fine_tune_preset
 from pytest_yourai.preflight import Preflight, memory_decision
 from pytest_yourai.presets import Preset, catalog, pick, preset_from_config_json
 
@@ -40,6 +41,10 @@ def estimate_parser() -> argparse.ArgumentParser:
     model.add_argument("--config", type=Path, help="a Hugging Face config.json")
     model.add_argument("--preset", help="a preset name (built in, or from --presets-file)")
     model.add_argument("--table", action="store_true", help="every preset, as a Markdown table")
+    model.add_argument(
+        "--lora-config", type=Path, metavar="YAML",
+        help="an mlx_lm.lora config: its model, data and options (as --yourai-lora-config)",
+    )  # fmt: skip
     parser.add_argument("--presets-file", type=Path, help="a presets TOML file")
     add_run_flags(parser, in_flight_default=DEFAULT_IN_FLIGHT)
     parser.add_argument(
@@ -119,6 +124,8 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     try:
         presets = catalog(args.presets_file, "--presets-file")
         chosen = [preset_from_config_json(args.config)] if args.config else list(presets.values())
+        if args.lora_config is not None:
+            chosen = [fine_tune_preset(args.lora_config, "--lora-config")]
     except YouraiUsageError as exc:
         parser.exit(4, f"{parser.prog}: error: {exc}\n")
     if args.preset is not None:

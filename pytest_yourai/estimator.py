@@ -269,7 +269,7 @@ class Estimate:
     ``estimated_base_gb`` and ``estimated_conservative_gb`` are the process's footprint on
     its device (what the machine must hold free), in the run's in-flight mode: the larger of
     the build's and the training's. ``mlx_peak_gb`` and ``mlx_peak_conservative_gb`` are
-    MLX's own peak counter over training (what mlx_lm.lora prints as "Peak mem"), the figure
+    MLX's own peak counter over training (mlx_lm.lora's "Peak mem"), the figure
     baselines compare."""
 
     estimated_base_gb: float

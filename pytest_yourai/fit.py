@@ -38,6 +38,7 @@ from pytest_yourai.fields import (
     non_negative_float,
     run_pins,
 )
+from pytest_yourai.lora_data import fine_tune_preset
 from pytest_yourai.memory import detect_backend, metal_working_set_gb
 from pytest_yourai.preflight import RUN, Preflight, memory_decision
 from pytest_yourai.presets import Preset, catalog, pick, preset_from_config_json
@@ -240,6 +241,11 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--presets", metavar="NAMES", help="comma-separated (default: all)")
     parser.add_argument("--presets-file", type=Path, help="a presets TOML file")
     parser.add_argument("--config", type=Path, help="a Hugging Face config.json, as one preset")
+    parser.add_argument(
+        "--lora-config", type=Path, action="append", metavar="YAML",
+        help="an mlx_lm.lora config as a preset (its model, data and options; repeatable); "
+        "its own batch size, layers and rank are pins, so a cell says whether it fits",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print JSON instead of Markdown")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="draw a heat map (.png, .svg)")
     parser.add_argument(
@@ -267,6 +273,9 @@ def chosen_presets(args: argparse.Namespace) -> list[Preset]:
     if args.config is not None:
         found = preset_from_config_json(args.config)
         presets = {found.name: found}
+    if args.lora_config:
+        fine_tunes = [fine_tune_preset(path, "--lora-config") for path in args.lora_config]
+        presets = {preset.name: preset for preset in fine_tunes}
     names = args.presets or args.preset
     if not names:
         return list(presets.values())

@@ -1,6 +1,6 @@
 """The process's memory footprint on its device, phase by phase: what the machine must hold.
 
-MLX's own counter (``mx.get_peak_memory``, what ``mlx_lm.lora`` prints as "Peak mem") counts
+MLX's own counter (``mx.get_peak_memory``, ``mlx_lm.lora``'s "Peak mem") counts
 the arrays alive at once. The machine holds more: MLX's buffer cache, the allocator's
 reserve, the backend's context and its workspaces. A run needs its footprint to be free,
 not its MLX peak. This module measures the footprint with each backend's standard source,

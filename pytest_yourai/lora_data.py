@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from pytest_yourai.census import EstimateRefused, census_for
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.estimator import FORMULA_MODEL_TYPES, is_mixture_of_experts
 from pytest_yourai.fields import DEFAULT_BITS, DEFAULT_GROUP_SIZE, default_dtype
+from pytest_yourai.lora_preset import preset_from_lora_config
 from pytest_yourai.presets import Preset
 from pytest_yourai.spawn import ask_probe
 
@@ -41,7 +43,7 @@ PROBE_SHAPES = 4
 ERRAND_TIMEOUT_S = 600.0
 
 
-def errand_spec(preset: Preset) -> dict[str, Any]:
+def errand_spec(preset: Preset, trust_remote_code: bool = False) -> dict[str, Any]:
     lora = preset.lora
     return {
         "model": lora["model_dir"],
@@ -49,7 +51,7 @@ def errand_spec(preset: Preset) -> dict[str, Any]:
         "batch_size": int(preset.pins["batch_size"]),
         "max_seq_length": int(preset.pins["seq_len"]) + 1,
         "mask_prompt": bool(lora.get("mask_prompt")),
-        "trust_remote_code": False,
+        "trust_remote_code": trust_remote_code,
         **dict(lora.get("features", {})),
     }
 
@@ -108,10 +110,13 @@ def summarize(
     return summary
 
 
-def data_batches(preset: Preset, cache_dir: Path | None, where: str) -> dict[str, Any]:
+def data_batches(
+    preset: Preset, cache_dir: Path | None, where: str, trust_remote_code: bool = False
+) -> dict[str, Any]:
     """The batches ``preset``'s data makes (see module doc); a usage error naming the file
-    when mlx-lm could not read it."""
-    spec = errand_spec(preset)
+    when mlx-lm could not read it. A tokenizer runs code of its own only with
+    ``trust_remote_code`` (the plugin's option: a YAML's key alone never turns it on)."""
+    spec = errand_spec(preset, trust_remote_code)
     data = Path(spec["data"])
     if not (data / "train.jsonl").is_file():
         raise YouraiUsageError(f"{where}: data: no train.jsonl in {data}")
@@ -126,6 +131,8 @@ def data_batches(preset: Preset, cache_dir: Path | None, where: str) -> dict[str
         answer, problem = ask_probe(["--data-batches", str(spec_file)], None, ERRAND_TIMEOUT_S)
     if answer is None or answer.get("status") != "ok":
         message = (answer or {}).get("error") or problem
+        if "trust_remote_code" in str(message) and not trust_remote_code:
+            message = f"{message}; the plugin lets it only with --yourai-trust-remote-code"
         raise YouraiUsageError(f"{where}: data {data}: {message}")
     summary = summarize(answer, spec, val_batches)
     if cached is not None:
@@ -171,7 +178,7 @@ def check_built_model(preset: Preset, cache: Any = None) -> None:
         )
 
 
-def with_data(preset: Preset, cache_dir: Path | None) -> Preset:
+def with_data(preset: Preset, cache_dir: Path | None, trust_remote_code: bool = False) -> Preset:
     """``preset`` with its data's batches: the longest batch sets the sequence length the
     estimate and the probe use (the padded length less the one token the model does not
     see), and ``lora["batches"]`` carries the rest."""
@@ -179,7 +186,7 @@ def with_data(preset: Preset, cache_dir: Path | None) -> Preset:
 
     if not preset.lora.get("data"):
         return preset
-    summary = data_batches(preset, cache_dir, f"{preset.source}: {preset.name}")
+    summary = data_batches(preset, cache_dir, f"{preset.source}: {preset.name}", trust_remote_code)
     longest = summary["train"]["longest"]
     if longest is None:
         raise YouraiUsageError(
@@ -217,3 +224,18 @@ def data_line(lora: Mapping[str, Any]) -> str | None:
         limit = batches["train"].get("max_seq_length", "max_seq_length")
         line += f" ({truncated} rows truncated at {limit})"
     return line
+
+
+def user_cache_dir() -> Path:
+    """Where the command lines keep the data's batches ($XDG_CACHE_HOME or ~/.cache); the
+    pytest run keeps them in pytest's cache."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pytest-yourai" / "data"
+
+
+def fine_tune_preset(path: Path, source: str = "", trust_remote_code: bool = False) -> Preset:
+    """The command lines' preset for ``mlx_lm.lora -c PATH``: read, its built model held
+    against its config, its data's batches (the pytest run does the same in its session)."""
+    preset = preset_from_lora_config(path, source=source)
+    check_built_model(preset)
+    return with_data(preset, user_cache_dir(), trust_remote_code)

@@ -74,7 +74,9 @@ def load_presets(config: pytest.Config, settings: Settings) -> list[Preset]:
     for preset in presets.values():
         if preset.lora:
             check_built_model(preset, cache)
-    return sort_smallest_first(with_data(p, data_cache) for p in presets.values())
+    return sort_smallest_first(
+        with_data(p, data_cache, settings.trust_remote_code) for p in presets.values()
+    )
 
 
 def check_output_paths(settings: Settings, reports: bool = True) -> None:

@@ -101,6 +101,14 @@ OPTIONS: tuple[Option, ...] = (
         metavar="PATH",
     ),
     Option(
+        "--yourai-trust-remote-code",
+        "yourai_trust_remote_code",
+        "let the tokenizer of an --yourai-lora-config model run its own code (its "
+        "trust_remote_code); a YAML's trust_remote_code alone never does",
+        "bool",
+        False,
+    ),
+    Option(
         "--yourai-presets",
         "yourai_presets",
         "comma-separated preset names to benchmark (default: all)",
@@ -241,6 +249,7 @@ class Settings:
     log_path: Path
     presets_file: Path | None
     lora_configs: tuple[Path, ...]
+    trust_remote_code: bool
     preset_names: tuple[str, ...] | None
     timeout_s: float
     safety_gb: float
@@ -452,6 +461,7 @@ def resolve(config: pytest.Config) -> Settings:
         log_path=get("yourai_log", read.path),
         presets_file=get("yourai_presets_file", read.path),
         lora_configs=get("yourai_lora_config", read.paths) or (),
+        trust_remote_code=bool(get("yourai_trust_remote_code", _as_bool)),
         preset_names=get("yourai_presets", _as_names),
         timeout_s=get("yourai_timeout", _as_positive),
         safety_gb=get("yourai_safety_gb", _as_float),

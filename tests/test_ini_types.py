@@ -42,6 +42,7 @@ NATIVE_VALUES: dict[str, Any] = {
     "yourai_fail_on_growth": 7.5,
     "yourai_baseline_dir": "baselines",
     "yourai_search": True,
+    "yourai_trust_remote_code": True,
 }
 
 # The same values as an ini file holds them: strings, lists as a shell splits them (the

@@ -304,3 +304,41 @@ def test_a_broken_data_line_is_named_with_its_file_and_line(bench: pytest.Pytest
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(["ERROR: *train.jsonl*5*"])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_a_tokenizer_that_runs_code_is_refused_without_the_plugin_option(
+    bench: pytest.Pytester,
+) -> None:
+    data_case(bench.path, [5, 40, 12, 70], [10, 20], max_seq_length=64)
+    tokenizer_config = bench.path / "model" / "tokenizer_config.json"
+    config = json.loads(tokenizer_config.read_text())
+    config.update(tokenizer_class="MyTokenizer", auto_map={"AutoTokenizer": ["mine.Mine", None]})
+    tokenizer_config.write_text(json.dumps(config))
+    from pytest_yourai.lora_config import mlx_lm_config_defaults
+
+    if "trust_remote_code" in mlx_lm_config_defaults():  # the YAML asking does not switch it on
+        with open(bench.path / "lora.yaml", "a") as handle:
+            handle.write("trust_remote_code: true\n")
+    result = bench.runpytest_subprocess(
+        "--yourai-lora-config", "lora.yaml", "-p", "no:cacheprovider"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: *trust_remote_code*--yourai-trust-remote-code"])
+    assert "Traceback" not in result.stderr.str()
+
+
+def test_estimate_and_fit_take_the_yaml_too(tmp_path: Path) -> None:
+    model_dir(tmp_path)
+    config = str(write_yaml(tmp_path, BASE))
+    estimate = run_yourai(
+        "estimate", "--lora-config", config, "--backend", "cpu", "--available-gb", "8", "--json"
+    )
+    assert estimate.returncode == 0, estimate.stderr
+    checked = run_yourai("check", config, "--memory", "8", "--backend", "cpu", "--json")
+    record, answer = json.loads(estimate.stdout), json.loads(checked.stdout)
+    assert record["estimated_conservative_gb"] == pytest.approx(
+        answer["estimated_conservative_gb"], abs=1e-3
+    )
+    fitted = run_yourai("fit", "--lora-config", config, "--backend", "cpu", "--memory", "2.01,8")
+    assert fitted.returncode == 0, fitted.stderr
+    assert "| `lora` | – | b2 r8 L3 |" in fitted.stdout  # its own pins, where it fits
