@@ -53,8 +53,8 @@ _MLX_LM_FLOAT = re.compile(
     re.X,
 )
 # A subclass: mlx-lm adds its resolver to yaml.SafeLoader itself, for every pyyaml user.
-_LOADER: Any = type("MlxLmLoraLoader", (yaml.SafeLoader,), {})
-_LOADER.add_implicit_resolver("tag:yaml.org,2002:float", _MLX_LM_FLOAT, list("-+0123456789."))
+YAML_LOADER: Any = type("MlxLmLoraLoader", (yaml.SafeLoader,), {})
+YAML_LOADER.add_implicit_resolver("tag:yaml.org,2002:float", _MLX_LM_FLOAT, list("-+0123456789."))
 
 # Integer keys and the least value that runs: the trainer raises below 1 accumulation step,
 # `it % 0` crashes, -1 batches means the whole set, numpy refuses negative seeds.
@@ -184,7 +184,7 @@ def _read_yaml(path: Path) -> dict[Any, Any]:
     except OSError as exc:
         raise YouraiUsageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
-        document = yaml.load(text, Loader=_LOADER)
+        document = yaml.load(text, Loader=YAML_LOADER)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

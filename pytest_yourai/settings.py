@@ -288,28 +288,11 @@ def add_options(parser: pytest.Parser) -> None:
     )
     parser.addini(ENABLE_INI, "false turns pytest-yourai off", type="bool", default=None)
     for option in OPTIONS:
-        if option.kind == "bool":
-            group.addoption(
-                option.flag, action="store_true", default=None, dest=option.dest, help=option.help
-            )
-        elif option.kind == "paths":
-            group.addoption(
-                option.flag,
-                action="append",
-                default=None,
-                dest=option.dest,
-                metavar=option.metavar,
-                help=option.help,
-            )
-        else:
-            group.addoption(
-                option.flag,
-                action="store",
-                default=None,
-                dest=option.dest,
-                metavar=option.metavar,
-                help=option.help,
-            )
+        action = {"bool": "store_true", "paths": "append"}.get(option.kind, "store")
+        shown = {} if option.kind == "bool" else {"metavar": option.metavar}
+        group.addoption(
+            option.flag, action=action, default=None, dest=option.dest, help=option.help, **shown
+        )
         if option.ini is not None:
             # default None: an unset key is told apart from one set to the default.
             parser.addini(option.ini, option.help, type=option.ini_type, default=None)
