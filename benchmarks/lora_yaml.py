@@ -925,6 +925,64 @@ def report(path: Path) -> int:
     return 0
 
 
+AGREE_SIZES_GB = (2.1, 2.3, 8.0)
+
+
+def agree_one(config_path: Path, size: float, run_dir: Path) -> dict[str, Any]:
+    """`yourai check` and the pytest pre-flight on one YAML at one memory size."""
+    check = subprocess.run(
+        [sys.executable, "-m", "pytest_yourai.check", str(config_path), "--memory", str(size),
+         "--backend", "cpu", "--json"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    answer = json.loads(check.stdout) if check.stdout.strip() else {}
+    log = run_dir / f"agree-{size:g}.jsonl"
+    log.unlink(missing_ok=True)
+    plugin = subprocess.run(
+        [sys.executable, "-m", "pytest", "bench", "--yourai-lora-config", str(config_path),
+         "--yourai-estimate-only", "--yourai-max-memory", str(size), "--yourai-log", str(log),
+         "--rootdir", str(run_dir), "-q"],
+        cwd=run_dir, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    preflight = last_event(events_of(log), "preflight_check") or {}
+    keys = ("decision", "estimated_base_gb", "estimated_conservative_gb", "batch_size", "seq_len")
+    same = bool(preflight) and all(answer.get(k) == preflight.get(k) for k in keys)
+    fits_exit = 0 if answer.get("decision") == "run" else 1
+    # A config both refuse as a usage error (exit 4, before any estimate) agrees too.
+    both_refuse = check.returncode == plugin.returncode == 4
+    return {
+        "name": config_path.stem,
+        "memory_gb": size,
+        "check_exit": check.returncode,
+        "pytest_exit": plugin.returncode,
+        "check": {k: answer.get(k) for k in keys},
+        "preflight": {k: preflight.get(k) for k in keys},
+        "preflight_available_gb": preflight.get("available_gb"),
+        "agree": both_refuse or (same and check.returncode == fits_exit),
+    }
+
+
+def agree(work: Path, out: Path) -> int:
+    """`yourai check` against the pre-flight on every YAML `compare` wrote, at AGREE_SIZES_GB."""
+    configs = sorted((work / "plugin").glob("*/*.yaml"))
+    if not configs:
+        print(f"no YAML under {work / 'plugin'}: run compare first", file=sys.stderr)
+        return 1
+    out.unlink(missing_ok=True)
+    rows = []
+    for config_path in configs:
+        for size in AGREE_SIZES_GB:
+            row = agree_one(config_path, size, config_path.parent)
+            append_record(out, row)
+            rows.append(row)
+            print(f"{row['name']} @ {size:g} GB: check {row['check']['decision']} "
+                  f"(exit {row['check_exit']}), pre-flight {row['preflight']['decision']}: "
+                  f"{'agree' if row['agree'] else 'DISAGREE'}", flush=True)  # fmt: skip
+    agreed = sum(row["agree"] for row in rows)
+    print(f"{agreed}/{len(rows)} agree ({len(configs)} configs x {len(AGREE_SIZES_GB)} sizes)")
+    return 0 if agreed == len(rows) else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -953,6 +1011,13 @@ def main() -> int:
     compare_p.add_argument(
         "--timeout", type=int, default=TIMEOUT_S, help="seconds per config (%(default)s)"
     )
+    agree_p = sub.add_parser(
+        "agree", help="yourai check against the pre-flight on compare's YAML files, 3 sizes"
+    )
+    agree_p.add_argument("--out", type=Path, required=True)
+    agree_p.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "yourai-lora-yaml"
+    )
     report_p = sub.add_parser("report", help="a table and the targets of a compare file")
     report_p.add_argument("path", type=Path)
     args = parser.parse_args()
@@ -964,6 +1029,8 @@ def main() -> int:
         )
     if args.command == "report":
         return report(args.path)
+    if args.command == "agree":
+        return agree(args.work.resolve(), args.out)
     return run(args.only, args.out, args.work.resolve(), args.rerun)
 
 
