@@ -39,6 +39,20 @@ def write_fake_probe(directory: Path, body: str, name: str = "fake_probe.py") ->
     return f"{sys.executable} {script}"
 
 
+# A config.json of the user's for a tiny Llama mlx-lm builds (an mlx_lm.lora YAML's model).
+TINY_LLAMA_CONFIG = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "vocab_size": 256,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+
+
 OK_PROBE = """
 print("building block 1/1", flush=True)
 print("step 1/1 loss=1.0", flush=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pytest_yourai.presets import load_presets_file
-from tests.helpers import BENCHMARK_TEST
+from tests.helpers import BENCHMARK_TEST, TINY_LLAMA_CONFIG
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
@@ -51,17 +51,6 @@ def test_every_toml_example_loads(tmp_path: Path) -> None:
         path = tmp_path / f"presets{number}.toml"
         path.write_text(block)
         assert load_presets_file(path, "README")
-
-
-TINY_MODEL = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "intermediate_size": 128,
-    "num_attention_heads": 2,
-    "vocab_size": 256,
-    "rms_norm_eps": 1e-5,
-}
 
 
 def shrink(command: str) -> list[str]:
@@ -103,7 +92,7 @@ def test_every_command_runs(pytester: pytest.Pytester) -> None:
     )
     # The README's lora.yaml: a tiny model of the user's, no data (max_seq_length then).
     (pytester.path / "model").mkdir()
-    (pytester.path / "model" / "config.json").write_text(json.dumps(TINY_MODEL))
+    (pytester.path / "model" / "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
     (pytester.path / "lora.yaml").write_text(
         "model: model\nbatch_size: 2\nnum_layers: 2\nmax_seq_length: 64\n"
     )

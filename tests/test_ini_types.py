@@ -15,6 +15,7 @@ import pytest
 from packaging.version import Version
 
 from pytest_yourai.settings import OPTIONS
+from tests.helpers import TINY_LLAMA_CONFIG
 
 PYTEST = Version(pytest.__version__).release
 NATIVE = PYTEST >= (9, 0)
@@ -87,16 +88,6 @@ seq_len = 32
 """
 
 
-MODEL = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "intermediate_size": 128,
-    "num_attention_heads": 2,
-    "vocab_size": 256,
-}
-
-
 def toml_value(value: Any) -> str:
     return json.dumps(value)  # JSON's scalars and arrays of strings are TOML too
 
@@ -126,7 +117,7 @@ def resolved(pytester: pytest.Pytester, layout: str, monkeypatch: pytest.MonkeyP
     pytester.makeconftest(DUMP_CONFTEST)
     pytester.path.joinpath("presets.toml").write_text(PRESETS)
     (pytester.path / "model").mkdir(exist_ok=True)
-    pytester.path.joinpath("model", "config.json").write_text(json.dumps(MODEL))
+    pytester.path.joinpath("model", "config.json").write_text(json.dumps(TINY_LLAMA_CONFIG))
     for name in ("lora.yaml", "other.yaml"):
         pytester.path.joinpath(name).write_text("model: model\nbatch_size: 1\nnum_layers: 2\n")
     pytester.makepyfile(test_nothing="def test_nothing():\n    pass\n")

@@ -11,19 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import events, read_log
+from tests.helpers import TINY_LLAMA_CONFIG, events, read_log
 
-TINY_LLAMA = {
-    "model_type": "llama",
-    "hidden_size": 64,
-    "num_hidden_layers": 4,
-    "intermediate_size": 128,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 2,
-    "vocab_size": 256,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": False,
-}
+TINY_LLAMA = {**TINY_LLAMA_CONFIG, "num_hidden_layers": 4}
 
 
 def model_dir(root: Path, name: str = "tiny-model", **extra: object) -> Path:
