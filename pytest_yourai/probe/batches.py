@@ -16,7 +16,8 @@ import numpy as np
 Batch = tuple[mx.array, mx.array]
 # The trainer calls iterate_batches(dataset=, batch_size=, max_seq_length=, loop=,
 # comm_group=) and evaluate() the same without loop (mlx-lm 0.32: tuner/trainer.py); seed
-# is in its signature; anything a later mlx-lm adds is accepted and ignored.
+# is in its signature. Each replacement below takes the dataset and ignores the rest (the
+# shapes are the probe's), so whatever a later mlx-lm adds is accepted too.
 IterateBatches = Callable[..., Iterator[Batch]]
 
 
@@ -24,15 +25,7 @@ def random_batches(spec: dict[str, Any], vocab_size: int) -> IterateBatches:
     """An iterate_batches replacement: full-length rows of random tokens, the worst case."""
     batch, seq_len = int(spec["batch_size"]), int(spec["seq_len"])
 
-    def iterate(
-        dataset: Any,
-        batch_size: int,
-        max_seq_length: int,
-        loop: bool = False,
-        seed: int | None = None,
-        comm_group: Any = None,
-        **_: Any,
-    ) -> Iterator[Batch]:
+    def iterate(dataset: Any, *args: Any, **kwargs: Any) -> Iterator[Batch]:
         lengths = mx.array([[0, seq_len]] * batch)
         while True:
             tokens = mx.random.randint(0, vocab_size, (batch, seq_len + 1))
@@ -56,15 +49,7 @@ def text_batches(spec: dict[str, Any], model_path: Path) -> IterateBatches:
     if len(rows) < batch:
         raise ValueError(f"--data {spec['data']}: {len(rows)} rows, fewer than batch size {batch}")
 
-    def iterate(
-        dataset: Any,
-        batch_size: int,
-        max_seq_length: int,
-        loop: bool = False,
-        seed: int | None = None,
-        comm_group: Any = None,
-        **_: Any,
-    ) -> Iterator[Batch]:
+    def iterate(dataset: Any, *args: Any, **kwargs: Any) -> Iterator[Batch]:
         index = 0
         while True:
             chosen = [rows[(index + j) % len(rows)] for j in range(batch)]
