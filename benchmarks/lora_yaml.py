@@ -182,10 +182,30 @@ def mlx_lm_defaults() -> dict[str, Any]:
     }
 
 
+def grid_folder() -> Path:
+    """The grid in use: this folder's, or the one --grid names (gpu/: real sizes)."""
+    chosen = os.environ.get(fixtures().GRID_ENV)
+    return Path(chosen) if chosen else FOLDER
+
+
+def rules(grid: dict[str, Any]) -> dict[str, Any]:
+    """What a grid must obey and cover: the grid's own ``rules:`` where it has them (a GPU
+    grid's real sizes), else this 2-core machine's (LIMITS, MAX_ITERS, ...)."""
+    own = grid.get("rules") or {}
+    return {
+        "limits": own.get("limits", LIMITS),
+        "max_iters": own.get("max_iters", MAX_ITERS),
+        "max_tokens": own.get("max_tokens", MAX_TOKENS),
+        "min_configs": own.get("min_configs", 20),
+        "min_dense_architectures": own.get("min_dense_architectures", 2),
+        "required": own.get("required", REQUIRED),
+    }
+
+
 def load_configs() -> dict[str, dict[str, Any]]:
     """Every config of the grid by name: its file, text and parsed YAML."""
     configs = {}
-    for path in sorted(CONFIGS.glob("*.yaml")):
+    for path in sorted((grid_folder() / "configs").glob("*.yaml")):
         text = path.read_text(encoding="utf-8")
         configs[path.stem] = {
             "file": str(path.relative_to(ROOT)),
@@ -285,6 +305,7 @@ def describe(name: str, config: dict[str, Any], grid: dict[str, Any]) -> dict[st
 def problems(configs: dict[str, dict[str, Any]], grid: dict[str, Any]) -> list[str]:
     """What is wrong with the grid: a rule broken by a config, or a required item missing."""
     found: list[str] = []
+    rule = rules(grid)
     for name in grid.get("expect_error") or {}:
         if name not in configs:
             found.append(f"expect_error names no config: {name}")
@@ -299,27 +320,27 @@ def problems(configs: dict[str, dict[str, Any]], grid: dict[str, Any]) -> list[s
             continue
         if config.get("train") is not True:
             found.append(f"{name}: train is not true")
-        if int(config.get("iters", 1000)) > MAX_ITERS:
-            found.append(f"{name}: iters {config.get('iters')} > {MAX_ITERS}")
+        if int(config.get("iters", 1000)) > rule["max_iters"]:
+            found.append(f"{name}: iters {config.get('iters')} > {rule['max_iters']}")
         arch = grid["models"][config["model"]]["config"]
-        for key, limit in LIMITS.items():
+        for key, limit in rule["limits"].items():
             if int(arch[key]) > limit:
                 found.append(f"{name}: {key} {arch[key]} > {limit}")
         described = describe(name, config, grid)
-        if described["data"]["tokens_per_row"][1] > MAX_TOKENS:
+        if described["data"]["tokens_per_row"][1] > rule["max_tokens"]:
             found.append(f"{name}: rows up to {described['data']['tokens_per_row'][1]} tokens")
         if name not in (grid.get("expect_error") or {}):
             covered.update(described["covers"])
-    found += [f"not covered: {item}" for item in REQUIRED if item not in covered]
+    found += [f"not covered: {item}" for item in rule["required"] if item not in covered]
     dense = {t for t in covered if t.startswith("arch:")} - {
         f"arch:{m['config']['model_type']}"
         for m in grid["models"].values()
         if m["config"].get("num_local_experts") or m["config"].get("num_experts")
     }
-    if len(dense) < 2:
-        found.append(f"fewer than two dense architectures: {sorted(dense)}")
-    if len(configs) < 20:
-        found.append(f"only {len(configs)} configs (at least 20)")
+    if len(dense) < rule["min_dense_architectures"]:
+        found.append(f"too few dense architectures: {sorted(dense)}")
+    if len(configs) < rule["min_configs"]:
+        found.append(f"only {len(configs)} configs (at least {rule['min_configs']})")
     return found
 
 
@@ -365,7 +386,7 @@ def list_grid() -> int:
         return 1
     print(
         f"\n{len(configs)} configs ({len(expected)} expected to fail); every required item "
-        f"is covered by a config expected to run: {', '.join(REQUIRED)}"
+        f"is covered by a config expected to run: {', '.join(rules(grid)['required'])}"
     )
     return 0
 
@@ -443,7 +464,9 @@ def memory_keys(values: dict[str, Any]) -> dict[str, Any]:
     return picked
 
 
-def run_one(name: str, entry: dict[str, Any], grid: dict[str, Any], work: Path) -> dict[str, Any]:
+def run_one(
+    name: str, entry: dict[str, Any], grid: dict[str, Any], work: Path, timeout: int = TIMEOUT_S
+) -> dict[str, Any]:
     config = entry["yaml"]
     described = describe(name, config, grid)
     run_dir = work / "runs" / name
@@ -460,7 +483,7 @@ def run_one(name: str, entry: dict[str, Any], grid: dict[str, Any], work: Path) 
     record_path, log = run_dir / "record.json", run_dir / "output.log"
     argv = [sys.executable, str(RUNNER), str(record_path), "-c", str(config_path)]
     started = time.perf_counter()
-    code, usage, timed_out = child_run(argv, run_dir, log, TIMEOUT_S)
+    code, usage, timed_out = child_run(argv, run_dir, log, timeout)
     wall = time.perf_counter() - started
     inner: dict[str, Any] = {}
     if record_path.exists():
@@ -499,6 +522,12 @@ def run_one(name: str, entry: dict[str, Any], grid: dict[str, Any], work: Path) 
         "mx_peak_before_train_gb": inner.get("mx_peak_before_train_gb"),
         "mx_active_before_train_gb": inner.get("mx_active_before_train_gb"),
         "peak_rss_gb": inner.get("vm_hwm_gb"),
+        # The device footprint (pytest_yourai.footprint, as the probe measures it), where
+        # the run had a GPU: what the machine had to hold, per phase.
+        "footprint_peak_gb": (inner.get("footprint") or {}).get("footprint_peak_gb"),
+        "build_footprint_gb": (inner.get("footprint") or {}).get("build_footprint_gb"),
+        "train_footprint_gb": (inner.get("footprint") or {}).get("train_footprint_gb"),
+        "footprint_source": (inner.get("footprint") or {}).get("footprint_source"),
         "ru_maxrss_gb": inner.get("ru_maxrss_gb"),
         "wait4_maxrss_gb": round(usage.ru_maxrss * 1024 / 1e9, 6),
         "train_batches": [b["shape"] for b in train],
@@ -538,7 +567,7 @@ def drop_records(out: Path, names: set[str]) -> None:
     os.replace(temporary, out)
 
 
-def run(only: list[str], out: Path, work: Path, rerun: bool) -> int:
+def run(only: list[str], out: Path, work: Path, rerun: bool, timeout: int = TIMEOUT_S) -> int:
     grid = fixtures().grid()
     configs = load_configs()
     found = problems(configs, grid)
@@ -567,7 +596,7 @@ def run(only: list[str], out: Path, work: Path, rerun: bool) -> int:
     started = time.perf_counter()
     unexpected = 0
     for number, name in enumerate(todo, start=1):
-        record = run_one(name, configs[name], grid, work)
+        record = run_one(name, configs[name], grid, work, timeout)
         append_record(out, record)
         unexpected += record["status"] not in ("ok", "expected_error")
         longest = record["longest_train_batch"]
@@ -629,6 +658,13 @@ def refusal_of(reason: str) -> str | None:
     return match.group(1) if match else None
 
 
+def plugin_option() -> list[str]:
+    """``-p pytest_yourai.plugin`` where the package is on the path but not installed (the
+    GPU machine), nothing where its entry point loads it already."""
+    points = metadata.entry_points(group="pytest11")
+    return [] if any("pytest_yourai" in p.value for p in points) else ["-p", "pytest_yourai.plugin"]
+
+
 def compare_one(
     name: str,
     entry: dict[str, Any],
@@ -651,7 +687,7 @@ def compare_one(
     )
     results, log, output = run_dir / "plugin.json", run_dir / "log.jsonl", run_dir / "output.log"
     argv = [
-        sys.executable, "-m", "pytest", "bench",
+        sys.executable, "-m", "pytest", "bench", *plugin_option(),
         "--yourai-lora-config", str(config_path),
         "--yourai-force",
         "--yourai-json", str(results),
@@ -699,7 +735,9 @@ def compare_one(
         probe_peak = None
     base = preflight.get("estimated_base_gb")
     conservative = preflight.get("estimated_conservative_gb")
-    rss = mlx.get("peak_rss_gb")
+    # What mlx_lm.lora's process held: its device footprint where it had a GPU, else its
+    # peak RSS (on CPU the footprint is the resident set).
+    rss = mlx.get("footprint_peak_gb") or mlx.get("peak_rss_gb")
     footprint = row.get("footprint_peak_gb", probe_end.get("footprint_peak_gb"))
     if status != "ok":
         footprint = None
@@ -734,6 +772,7 @@ def compare_one(
         "estimated_conservative_gb": conservative,
         "estimate_refused": refused,
         "mlx_lm_peak_rss_gb": rss,
+        "mlx_lm_reference": "device footprint" if mlx.get("footprint_peak_gb") else "peak RSS",
         "base_error": relative(base, rss),
         "conservative_error": relative(conservative, rss),
         "conservative_covers_rss": (conservative >= rss) if conservative and rss else None,
@@ -985,6 +1024,11 @@ def agree(work: Path, out: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        help="another grid folder (grid.yaml and configs/), e.g. benchmarks/lora_yaml/gpu",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the grid, what each config covers, and the coverage check")
     run_p = sub.add_parser("run", help="run the configs, one JSON line each")
@@ -997,6 +1041,9 @@ def main() -> int:
         help="where models, data and runs are written (default: %(default)s)",
     )
     run_p.add_argument("--rerun", action="store_true", help="run (and replace) configs in --out")
+    run_p.add_argument(
+        "--timeout", type=int, default=TIMEOUT_S, help="seconds per config (%(default)s)"
+    )
     compare_p = sub.add_parser("compare", help="run the plugin on the configs mlx-lm ran")
     compare_p.add_argument("--mlx-lm", type=Path, required=True, help="a results file of run")
     compare_p.add_argument("--only", nargs="+", default=[], metavar="NAME")
@@ -1021,6 +1068,8 @@ def main() -> int:
     report_p = sub.add_parser("report", help="a table and the targets of a compare file")
     report_p.add_argument("path", type=Path)
     args = parser.parse_args()
+    if args.grid is not None:
+        os.environ[fixtures().GRID_ENV] = str(args.grid.resolve())
     if args.command == "list":
         return list_grid()
     if args.command == "compare":
@@ -1031,7 +1080,7 @@ def main() -> int:
         return report(args.path)
     if args.command == "agree":
         return agree(args.work.resolve(), args.out)
-    return run(args.only, args.out, args.work.resolve(), args.rerun)
+    return run(args.only, args.out, args.work.resolve(), args.rerun, args.timeout)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Imports mlx (run it in a child process: lora_yaml.py does).
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -25,6 +26,9 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 GRID = HERE / "grid.yaml"
+# Another grid (a folder with its own grid.yaml and configs/, as gpu/ is), for the child
+# that builds its fixtures; lora_yaml.py's --grid sets it.
+GRID_ENV = "LORA_YAML_GRID"
 
 # The tokenizer: whitespace-split words, one token each. Specials first, then WORDS words;
 # the model's vocab_size must be at least its size (checked when a model is saved).
@@ -38,8 +42,20 @@ CHAT_TEMPLATE = (
 )
 
 
+def grid_file() -> Path:
+    return Path(os.environ[GRID_ENV]) / "grid.yaml" if os.environ.get(GRID_ENV) else GRID
+
+
 def grid() -> dict[str, Any]:
-    return yaml.safe_load(GRID.read_text(encoding="utf-8"))
+    """The grid, each model recipe's ``config`` read from its ``config_file`` (relative to
+    the grid) where it names one: a real architecture's config.json."""
+    path = grid_file()
+    spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for recipe in spec["models"].values():
+        if "config_file" in recipe:
+            loaded = json.loads((path.parent / recipe["config_file"]).read_text("utf-8"))
+            recipe["config"] = {**loaded, **(recipe.get("config") or {})}
+    return spec
 
 
 def vocabulary() -> dict[str, int]:
@@ -152,7 +168,7 @@ def main() -> int:
             recipe, directory = spec["data"][name], work / "data" / name
             save_data(name, recipe, directory)
         else:
-            raise SystemExit(f"{name}: neither a model nor a data set of {GRID}")
+            raise SystemExit(f"{name}: neither a model nor a data set of {grid_file()}")
         (directory / RECIPE_FILE).write_text(recipe_text(recipe))
     return 0
 

@@ -38,6 +38,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# Where a GPU answers NVML: the device footprint, measured as the probe measures it
+# (pytest_yourai.footprint), read once before mlx makes its CUDA context. On CPU the record's
+# VmHWM is the footprint, and no meter runs (it would reset VmHWM per phase).
+METER: Any = None
+
 RECORD: dict[str, Any] = {
     "status": "started",
     "error": None,
@@ -141,6 +149,8 @@ def install() -> None:
         kwargs["training_callback"] = Recorder(kwargs.get("training_callback"))
         RECORD["mx_peak_before_train_gb"] = round(mx.get_peak_memory() / 1e9, 6)
         RECORD["mx_active_before_train_gb"] = round(mx.get_active_memory() / 1e9, 6)
+        if METER is not None:
+            METER.phase("train")
         return original_train(*args, **kwargs)
 
     lora.train = recording_train
@@ -172,7 +182,20 @@ def install() -> None:
     lora.run = recording_run
 
 
+def start_meter() -> None:
+    global METER
+    if sys.platform == "darwin":
+        return
+    from pytest_yourai.footprint import FootprintMeter, early_cuda_meter, source_for
+
+    cuda = early_cuda_meter()
+    if cuda is not None:
+        METER = FootprintMeter(source_for("cuda", cuda)).start("build")
+
+
 def finish(path: Path, started: float) -> None:
+    if METER is not None:
+        RECORD["footprint"] = METER.stop()
     try:
         import mlx.core as mx
 
@@ -202,6 +225,7 @@ def main() -> int:
     started = time.perf_counter()
     code = 0
     try:
+        start_meter()
         install()
         import mlx_lm.lora as lora
 
