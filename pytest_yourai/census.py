@@ -29,6 +29,29 @@ class EstimateRefused(ValueError):
 
 
 @dataclass(frozen=True)
+class LinearInfo:
+    """One layer of a block that mlx-lm's ``linear_to_lora_layers`` adapts by default."""
+
+    path: str  # as mlx_lm.lora's lora_parameters.keys match it ("self_attn.q_proj")
+    in_dim: int
+    out_dim: int
+    experts: int  # 0: a dense linear; else a switch linear's experts
+    quantized: bool
+    rank1: int  # its adapter's parameters at rank 1
+    reads: str  # the input it reads: linears with one label read one tensor
+
+    @classmethod
+    def from_json(cls, row: list[Any]) -> LinearInfo:
+        path, in_dim, out_dim, experts, quantized, rank1, reads = row
+        return cls(str(path), int(in_dim), int(out_dim), int(experts), bool(quantized),
+                   int(rank1), str(reads))  # fmt: skip
+
+    def to_json(self) -> list[Any]:
+        return [self.path, self.in_dim, self.out_dim, self.experts, self.quantized, self.rank1,
+                self.reads]  # fmt: skip
+
+
+@dataclass(frozen=True)
 class BlockKind:
     count: int
     attention: bool
@@ -42,6 +65,8 @@ class BlockKind:
     top_k: int | None = None
     moe_intermediate: int = 0
     shared_intermediate: int = 0
+    parameters: int = 0  # elements of the block's own weights (what full fine-tuning trains)
+    linears: tuple[LinearInfo, ...] = ()
 
     def active_intermediate(self) -> int:
         """The MLP width each token goes through: for a mixture of experts, its top-k
@@ -79,6 +104,8 @@ class Census:
                 top_k=None if b.get("top_k") is None else int(b["top_k"]),
                 moe_intermediate=int(b.get("moe_intermediate") or 0),
                 shared_intermediate=int(b.get("shared_intermediate") or 0),
+                parameters=int(b.get("parameters") or 0),
+                linears=tuple(LinearInfo.from_json(row) for row in b.get("linears") or ()),
             )
             for b in data["blocks"]
         )
@@ -103,6 +130,11 @@ class Census:
         """The last ``n`` blocks: the ones LoRA adapts."""
         every = list(self.per_block())
         return every[len(every) - min(n, len(every)) :]
+
+    @property
+    def has_linears(self) -> bool:
+        """Whether it lists each block's linears (censuses taken before it did do not)."""
+        return all(kind.linears for kind in self.blocks)
 
     def lora_parameters(self, rank: int, layers: int) -> int:
         return rank * sum(kind.lora_rank1 for kind in self.last(layers))
@@ -178,20 +210,29 @@ _TAKEN: dict[str, Census] = {}
 
 
 def census_for(
-    arch: Mapping[str, Any], bits: int, group_size: int, dtype: str, cache: Any = None
+    arch: Mapping[str, Any],
+    bits: int,
+    group_size: int,
+    dtype: str,
+    cache: Any = None,
+    linears: bool = False,
 ) -> Census:
     """The census of a model: shipped with the built-in presets, taken already in this
-    process, from pytest's ``cache``, or taken (and then cached)."""
+    process, from pytest's ``cache``, or taken (and then cached). ``linears``: one that
+    lists each block's linears (an mlx_lm.lora config's keys, dropout, DoRA or full
+    fine-tuning need them); an older one without is taken again."""
     key = census_key(arch, bits, group_size, dtype)
-    if key in _TAKEN:
+    if key in _TAKEN and (_TAKEN[key].has_linears or not linears):
         return _TAKEN[key]
     known = shipped().get(key)
     if known is None and cache is not None:
         known = cache.get(f"yourai/census/{key}", None)
     if isinstance(known, dict):
         try:
-            _TAKEN[key] = Census.from_json(known)
-            return _TAKEN[key]
+            found = Census.from_json(known)
+            if found.has_linears or not linears:
+                _TAKEN[key] = found
+                return found
         except (KeyError, TypeError, ValueError):
             pass  # an older or damaged entry: take it again
     census = take_census(arch, bits, group_size, dtype)
@@ -225,6 +266,8 @@ def census_to_json(census: Census) -> dict[str, Any]:
                 "top_k": b.top_k,
                 "moe_intermediate": b.moe_intermediate,
                 "shared_intermediate": b.shared_intermediate,
+                "parameters": b.parameters,
+                "linears": [linear.to_json() for linear in b.linears],
             }
             for b in census.blocks
         ],

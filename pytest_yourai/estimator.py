@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pytest_yourai.census import Census, EstimateRefused
+from pytest_yourai.census import BlockKind, Census, EstimateRefused, LinearInfo
 from pytest_yourai.fields import BACKENDS, IN_FLIGHT_MODES
 from pytest_yourai.presets import EXPERT_KEYS, head_dim, qkv_has_bias, tie_embeddings
 
@@ -260,6 +260,16 @@ class TrainingShape:
     # mlx_lm.lora's optimizer (OPTIMIZER_STATES) and grad_accumulation_steps
     optimizer: str = "adam"
     grad_accumulation_steps: int = 1
+    # mlx_lm.lora's fine_tune_type (FINE_TUNE_TYPES), lora_parameters.keys (None: every
+    # linear, mlx-lm's default) and lora_parameters.dropout: see adapter_terms
+    fine_tune_type: str = "lora"
+    lora_keys: tuple[str, ...] | None = None
+    lora_dropout: float = 0.0
+
+    @property
+    def default_adapters(self) -> bool:
+        """LoRA on every linear without dropout: what the graph terms were calibrated on."""
+        return self.fine_tune_type == "lora" and self.lora_keys is None and not self.lora_dropout
 
 
 @dataclass(frozen=True)
@@ -352,9 +362,16 @@ FORMULA_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "olmo2", 
 OPTIMIZER_STATES = {"adam": 2.0, "adamw": 2.0, "sgd": 1.0, "muon": 1.0, "adafactor": 0.0}
 
 
-def optimizer_state_elements(shape: TrainingShape, trainable: float) -> float:
+FINE_TUNE_TYPES = ("lora", "dora", "full")
+
+
+def optimizer_state_elements(
+    shape: TrainingShape, trainable: float, factored: float | None = None
+) -> float:
+    """``factored``: Adafactor's state where it is not trainable / rank (full fine-tuning:
+    a row and a column vector per matrix, the whole of every vector)."""
     if shape.optimizer == "adafactor":
-        return trainable / max(shape.lora_rank, 1)
+        return factored if factored is not None else trainable / max(shape.lora_rank, 1)
     return OPTIMIZER_STATES[shape.optimizer] * trainable
 
 
@@ -375,6 +392,167 @@ def check_shape(shape: TrainingShape) -> None:
         )
     if shape.optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {shape.optimizer!r}; expected {OPTIMIZER_STATES}")
+    if shape.fine_tune_type not in FINE_TUNE_TYPES:
+        raise ValueError(
+            f"unknown fine_tune_type {shape.fine_tune_type!r}; expected one of {FINE_TUNE_TYPES}"
+        )
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """What training holds for the trained weights: their elements, the bytes of each (LoRA's
+    and DoRA's adapters are float32; full fine-tuning trains the model's own weights in its
+    dtype), the bytes of new weights (adapters; none for full), the optimizer's state
+    elements, and the graph's change from calibrated LoRA (adapter_terms)."""
+
+    elements: float
+    element_bytes: float
+    new_bytes: float
+    optimizer_elements: float
+    graph_bytes: float
+
+
+def chosen_linears(kind: BlockKind, keys: tuple[str, ...] | None) -> list[LinearInfo]:
+    """The linears of a block mlx-lm adapts: every one, or those whose block-relative path
+    is one of ``keys`` (tuner/utils.py: ``k in keys`` over ``named_modules()``)."""
+    return [lin for lin in kind.linears if keys is None or lin.path in keys]
+
+
+def input_copy_bytes(
+    linears: list[LinearInfo], tokens: float, each: float, shared: bool, top_k: int = 1
+) -> float:
+    """What the backward pass keeps of the inputs of these linears: ``each`` bytes per
+    element, one tensor per input they read (``shared``: the compiled step reads one cast
+    of a tensor that several linears read) or one per linear (dropout draws a mask and a
+    product per linear). A mixture of experts' down projection reads each token's top-k
+    experts' outputs: ``top_k`` rows per token."""
+
+    def rows(lin: LinearInfo) -> float:
+        return tokens * (top_k if lin.experts and lin.reads == lin.path else 1)
+
+    if shared:
+        widths = {lin.reads: rows(lin) * lin.in_dim for lin in linears}
+        return sum(width * each for width in widths.values())
+    return sum(rows(lin) * lin.in_dim * each for lin in linears)
+
+
+def adapter_terms(census: Census | None, shape: TrainingShape, adapted: int) -> Trainable:
+    """The trained weights and the graph's change from LoRA on every linear (what the graph
+    terms were calibrated on), derived from mlx-lm's tuner (tuner/lora.py, tuner/dora.py,
+    lora.py) and MLX's autograd, per adapted block, where T is the tokens of a batch:
+
+    - LoRA (``LoRALinear``): ``(dropout(x) @ lora_a) @ lora_b`` with float32 adapters casts
+      x to float32 and keeps it for ``lora_a``'s gradient: T x in x 4 bytes per input read
+      (q, k and v read one; the compiled step casts it once). ``keys`` leave out the copies
+      of inputs no chosen linear reads. With dropout each linear keeps its own product
+      (float32) and mask (1 byte): T x in x 5 per linear.
+    - DoRA (``DoRALinear``) adds, per adapted linear, the output it scales by the learned
+      magnitude (kept for ``m``'s gradient, T x out in the model dtype) and, for a quantized
+      model, the dequantized weight the forward pass multiplies with (kept for the input's
+      gradient, out x in in the model dtype); ``m`` (out, float32) is trained too.
+    - full (``unfreeze()`` of each adapted block): every weight of the block is trained in
+      the model's dtype; each linear keeps its input in that dtype for its weight's gradient
+      (one per input read) instead of LoRA's float32 copies.
+
+    Blocks that keep activations (every adapted one; one with gradient checkpointing) carry
+    the graph terms; the trained weights are those of every adapted block."""
+    if shape.default_adapters:
+        raise ValueError("adapter_terms is for runs other than LoRA on every linear")
+    if census is None or not census.has_linears:
+        raise EstimateRefused(
+            f"fine_tune_type {shape.fine_tune_type} with these lora_parameters needs the "
+            "model's census of its linears (what mlx-lm builds)"
+        )
+    kinds = census.last(adapted)
+    refuse_moe(census, shape, kinds)
+    live = kinds[-1:] if shape.grad_checkpoint else kinds
+    graph = sum(block_graph_bytes(kind, shape) for kind in live)
+    dtype_bytes = float(DTYPE_BYTES[shape.dtype])
+    if shape.fine_tune_type == "full":
+        elements = float(sum(kind.parameters for kind in kinds))
+        linears = [lin for k in kinds for lin in k.linears]
+        matrices = sum((lin.in_dim + lin.out_dim) * max(1, lin.experts) for lin in linears)
+        vectors = elements - sum(lin.in_dim * lin.out_dim * max(1, lin.experts) for lin in linears)
+        factored = float(matrices) + max(0.0, vectors)
+        optimizer = optimizer_state_elements(shape, elements, factored)
+        return Trainable(elements, dtype_bytes, 0.0, optimizer, graph)
+    adapters = [lin for k in kinds for lin in chosen_linears(k, shape.lora_keys)]
+    elements = float(shape.lora_rank * sum(lin.rank1 for lin in adapters))
+    optimizer = optimizer_state_elements(shape, elements)
+    if shape.fine_tune_type == "dora":
+        magnitudes = float(sum(lin.out_dim for lin in adapters))
+        optimizer += optimizer_state_elements(shape, magnitudes, factored=magnitudes)
+        elements += magnitudes
+    return Trainable(elements, 4.0, elements * 4.0, optimizer, graph)
+
+
+def block_graph_bytes(kind: BlockKind, shape: TrainingShape) -> float:
+    """One live block's graph change from calibrated LoRA (see adapter_terms)."""
+    tokens = float(shape.batch_size * shape.seq_len)
+    dtype_bytes = float(DTYPE_BYTES[shape.dtype])
+    every = list(kind.linears)
+    k = int(kind.top_k or 1)
+    calibrated = input_copy_bytes(every, tokens, 4.0, shared=True, top_k=k)
+    if shape.fine_tune_type == "full":
+        return input_copy_bytes(every, tokens, dtype_bytes, shared=True) - calibrated
+    chosen = chosen_linears(kind, shape.lora_keys)
+    if shape.lora_dropout:
+        graph = input_copy_bytes(chosen, tokens, 5.0, shared=False, top_k=k) - calibrated
+    else:
+        graph = input_copy_bytes(chosen, tokens, 4.0, shared=True, top_k=k) - calibrated
+    if shape.fine_tune_type == "dora":
+        for lin in chosen:
+            graph += tokens * lin.out_dim * dtype_bytes
+            if lin.quantized:
+                graph += float(lin.out_dim * lin.in_dim) * dtype_bytes
+    return graph
+
+
+def trained_weights(
+    arch: Mapping[str, Any], shape: TrainingShape, census: Census | None, lora_params: float
+) -> Trainable:
+    """LoRA on every linear (the calibrated case), or adapter_terms."""
+    if shape.default_adapters:
+        return Trainable(
+            lora_params, 4.0, lora_params * 4.0, optimizer_state_elements(shape, lora_params), 0.0
+        )
+    return adapter_terms(census, shape, min(shape.lora_layers, int(arch["num_hidden_layers"])))
+
+
+def full_fine_tune_peaks(
+    shape: TrainingShape, weights: float, optimizer: float, gradients: float, trained: Trainable
+) -> tuple[float, float]:
+    """(what the backward pass holds beside the graph, the optimizer update's peak) for full
+    fine-tuning, whose gradients are as large as the trained weights. The backward pass
+    makes them as it frees the activations (at its start it holds the most activations and
+    no gradient); the update, compiled into the step, makes the new state and the new
+    weights while the step's inputs (the old ones) stay alive: old and new state, the new
+    weights, and the running sum of gradients when accumulating."""
+    update = (
+        weights
+        + 2.0 * optimizer
+        + trained.elements * trained.element_bytes
+        + (gradients / 2.0 if shape.grad_accumulation_steps > 1 else 0.0)
+    )
+    return weights + optimizer, update
+
+
+def refuse_moe(census: Census, shape: TrainingShape, kinds: list[BlockKind]) -> None:
+    """What adapter_terms does not model for a mixture of experts' switch linears, named."""
+    for kind in kinds:
+        switch = [lin for lin in kind.linears if lin.experts]
+        if not switch:
+            continue
+        chosen = {lin.path for lin in chosen_linears(kind, shape.lora_keys)}
+        if shape.fine_tune_type == "full":
+            what = "fine_tune_type: full of a mixture of experts"
+        elif shape.fine_tune_type == "dora" and chosen & {lin.path for lin in switch}:
+            what = "fine_tune_type: dora on switch linears (mlx-lm refuses it too)"
+        elif shape.lora_dropout and chosen & {lin.path for lin in switch}:
+            what = "lora_parameters.dropout on a mixture of experts' switch linears"
+        else:
+            continue
+        raise EstimateRefused(f"model type {census.model_type}: not modeled yet: {what}")
 
 
 def model_bytes(
@@ -416,22 +594,28 @@ def estimate_training_memory(
     model type and what is missing when the estimator cannot estimate it."""
     check_shape(shape)
     effective, weights, lora_params = model_bytes(arch, shape, census)
-    # LoRA weights (float32), their gradients, and the optimizer's state.
-    lora = lora_params * 4.0
-    gradients = gradient_elements(shape, lora_params) * 4.0
-    optimizer = optimizer_state_elements(shape, lora_params) * 4.0
+    trained = trained_weights(effective, shape, census, lora_params)
+    # The adapters (float32; none for full fine-tuning), the trained weights' gradients and
+    # the optimizer's state, in the trained weights' dtype.
+    lora = trained.new_bytes
+    gradients = gradient_elements(shape, trained.elements) * trained.element_bytes
+    optimizer = trained.optimizer_elements * trained.element_bytes
     coefficients = CALIBRATION[shape.backend]
     features = calibration_features(effective, shape, census)
     graph = {t: coefficients.get(t, 0.0) * features[t] for t in GRAPH_TERMS}
+    graph["adapters"] = trained.graph_bytes
     if shape.in_flight == "mlx":
         window = window_bytes(effective, shape, coefficients)
         envelope = window_envelope(window, shape)
     else:  # one op in flight: nothing beyond the graph (the graph terms were fitted so)
         window = envelope = 0.0
     exact = weights + lora + gradients + optimizer
+    update = 0.0
+    if shape.fine_tune_type == "full":
+        exact, update = full_fine_tune_peaks(shape, weights, optimizer, gradients, trained)
     margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
     graph_total = sum(graph.values())
-    mlx_peak = exact + graph_total + window
+    mlx_peak = max(exact + graph_total + window, update)
     mlx_peak_conservative = max(exact + graph_total * margin + max(window, envelope), mlx_peak)
     overhead = backend_overhead_bytes(shape, graph_total, window, conservative=False)
     # The conservative shares were fitted to cover every run against its graph and window.
@@ -462,7 +646,14 @@ def breakdown(
     """Where the base estimate goes, in GB."""
     activations = sum(
         graph[t]
-        for t in ("mlp", "attention", "checkpoint", "checkpoint_ahead", "checkpoint_ahead_fused")
+        for t in (
+            "mlp",
+            "attention",
+            "checkpoint",
+            "checkpoint_ahead",
+            "checkpoint_ahead_fused",
+            "adapters",
+        )
     )
     return {
         "weights_gb": weights / GB,

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pytest_yourai.census import EstimateRefused, census_for
+from pytest_yourai.census import Census, EstimateRefused, census_for
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.estimator import FORMULA_MODEL_TYPES, is_mixture_of_experts
 from pytest_yourai.fields import DEFAULT_BITS, DEFAULT_GROUP_SIZE, default_dtype
@@ -158,7 +158,11 @@ def check_built_model(preset: Preset, cache: Any = None) -> None:
     estimate is taken from what mlx-lm builds (its census), compare that with the config and
     refuse a model that is not the one the config describes."""
     arch = preset.architecture
-    if arch.get("model_type") in FORMULA_MODEL_TYPES and not is_mixture_of_experts(arch):
+    run = preset.lora.get("run") or {}
+    keys = (run.get("lora_parameters") or {}).get("keys")
+    dora = run.get("fine_tune_type") == "dora"
+    formula = arch.get("model_type") in FORMULA_MODEL_TYPES and not is_mixture_of_experts(arch)
+    if formula and keys is None and not dora:
         return  # the formula's own model types: built from these very fields
     pins = preset.pins
     dtype = str(pins.get("dtype") or default_dtype(arch))
@@ -167,9 +171,15 @@ def check_built_model(preset: Preset, cache: Any = None) -> None:
         int(pins.get("group_size", DEFAULT_GROUP_SIZE)),
     )
     try:
-        census = census_for(arch, bits, group, dtype, cache)
+        census = census_for(arch, bits, group, dtype, cache, linears=keys is not None or dora)
     except EstimateRefused:
         return  # the pre-flight says why it cannot estimate
+    if keys is not None and census.has_linears:
+        check_keys(preset, census, [str(k) for k in keys])
+    if dora and census.has_linears:
+        check_dora(preset, census, None if keys is None else [str(k) for k in keys])
+    if formula:
+        return
     # (The census's hidden_size is its widest embedding's, not always the residual width:
     # Gemma-4's per-layer embeddings are wider. Blocks and vocabulary are exact.)
     built = {
@@ -185,6 +195,42 @@ def check_built_model(preset: Preset, cache: Any = None) -> None:
             f"{made}, but its config.json says {said}: mlx-lm reads these fields elsewhere "
             "(e.g. under text_config) and took its defaults; the estimate would be for another "
             "model"
+        )
+
+
+def check_keys(preset: Preset, census: Census, keys: list[str]) -> None:
+    """mlx-lm matches ``lora_parameters.keys`` against each adapted block's module paths
+    (``self_attn.q_proj``); keys that match none leave nothing to train, and mlx-lm says so
+    only at its first step (``[grad] Must specify at least one argument``)."""
+    layers = int(preset.pins.get("lora_layers") or 0)
+    paths = {lin.path for kind in census.last(layers) for lin in kind.linears}
+    if paths & set(keys):
+        return
+    known = ", ".join(sorted(paths)[:8]) + (", ..." if len(paths) > 8 else "")
+    raise YouraiUsageError(
+        f"{preset.source}: lora_parameters.keys {keys} match no layer of the {layers} adapted "
+        f"blocks, so nothing would train (mlx-lm fails at its first step); mlx-lm matches "
+        f"paths inside a block, e.g. {known}"
+    )
+
+
+def check_dora(preset: Preset, census: Census, keys: list[str] | None) -> None:
+    """mlx-lm has no DoRA for a mixture of experts' switch linears: it raises while it
+    builds the adapters (tuner/utils.py)."""
+    layers = int(preset.pins.get("lora_layers") or 0)
+    switch = sorted(
+        {
+            lin.path
+            for kind in census.last(layers)
+            for lin in kind.linears
+            if lin.experts and (keys is None or lin.path in keys)
+        }
+    )
+    if switch:
+        raise YouraiUsageError(
+            f"{preset.source}: fine_tune_type: dora on {', '.join(switch)}: mlx-lm has no DoRA "
+            "for a mixture of experts' switch linears (\"SwitchLinear doesn't support DoRA "
+            'yet"); use lora, or keys that leave the experts out'
         )
 
 

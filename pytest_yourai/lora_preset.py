@@ -87,14 +87,8 @@ def data_directory(run: LoraRun, where: str) -> str | None:
 def unmodeled(run: LoraRun) -> list[str]:
     """The YAML's memory-relevant choices the estimator has no term for yet, by name."""
     found = []
-    if run.fine_tune_type != "lora":
-        found.append(f"fine_tune_type: {run.fine_tune_type}")
     if run.optimizer == "adafactor" and run.optimizer_config.get("beta_1") is not None:
         found.append("optimizer_config.adafactor.beta_1 (a first moment)")
-    if run.lora_keys is not None:
-        found.append(f"lora_parameters.keys: {list(run.lora_keys)}")
-    if run.lora_dropout:
-        found.append(f"lora_parameters.dropout: {run.lora_dropout}")
     return found
 
 

@@ -178,10 +178,22 @@ def lora_shape(lora: Mapping[str, Any]) -> dict[str, Any]:
     run = lora.get("run")
     if not run:
         return {}
+    parameters = run.get("lora_parameters") or {}
+    keys = parameters.get("keys")
     return {
         "optimizer": run["optimizer"],
         "grad_accumulation_steps": int(run["grad_accumulation_steps"]),
+        "fine_tune_type": run.get("fine_tune_type", "lora"),
+        "lora_keys": None if keys is None else tuple(str(k) for k in keys),
+        "lora_dropout": float(parameters.get("dropout") or 0.0),
     }
+
+
+def needs_linears(lora: Mapping[str, Any]) -> bool:
+    """Whether an mlx_lm.lora config trains other than LoRA on every linear without dropout:
+    its estimate needs the census of each block's linears (estimator.adapter_terms)."""
+    shape = lora_shape(lora)
+    return bool(shape) and not TrainingShape(**shape).default_adapters
 
 
 @dataclass(frozen=True)
@@ -320,9 +332,10 @@ def estimate_with_census(
     arch: Mapping[str, Any], shape: TrainingShape, cache: Any = None
 ) -> Estimate:
     """The estimate, with the model's census where it needs one (census.py)."""
+    linears = not shape.default_adapters
     census = (
-        census_for(arch, shape.bits, shape.group_size, shape.dtype, cache)
-        if needs_census(arch)
+        census_for(arch, shape.bits, shape.group_size, shape.dtype, cache, linears)
+        if needs_census(arch) or linears
         else None
     )
     return estimate_training_memory(arch, shape, census)
@@ -352,12 +365,13 @@ def find_census(
     unmodeled = preset.lora.get("unmodeled")
     if unmodeled:
         return None, f"not modeled yet: {'; '.join(unmodeled)}"
-    if not needs_census(preset.architecture):
+    linears = needs_linears(preset.lora)
+    if not needs_census(preset.architecture) and not linears:
         return None, None
     shape = training_shape(preset, BenchmarkConfig(1, 1, 1), backend)
     try:
         return census_for(
-            preset.architecture, shape.bits, shape.group_size, shape.dtype, cache
+            preset.architecture, shape.bits, shape.group_size, shape.dtype, cache, linears
         ), None
     except EstimateRefused as exc:
         return None, str(exc)

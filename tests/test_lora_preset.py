@@ -102,8 +102,21 @@ def test_a_repo_id_is_found_in_the_local_hugging_face_cache(
         (BASE + "data: no-such-data\n", "*data*no-such-data*"),
         (BASE + "fine_tune_type: full\n", "*full on a 4-bit model*"),
         (BASE.replace("num_layers: 3", "num_layers: 9"), "*9 layers*only has 4 layers*"),
+        (
+            BASE
+            + "lora_parameters: {rank: 8, scale: 20.0, dropout: 0.0, keys: [q_proj, v_proj]}\n",
+            "*lora.yaml*keys*q_proj*v_proj*match no layer*self_attn.q_proj*",
+        ),
     ],
-    ids=["unknown-key", "wrong-type", "repo-not-cached", "no-data", "full-quantized", "layers"],
+    ids=[
+        "unknown-key",
+        "wrong-type",
+        "repo-not-cached",
+        "no-data",
+        "full-quantized",
+        "layers",
+        "keys-match-nothing",
+    ],
 )
 def test_bad_input_is_one_usage_line_and_the_log_keeps_what_it_had(
     bench: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, yaml: str, expected: str
@@ -123,19 +136,44 @@ def test_bad_input_is_one_usage_line_and_the_log_keeps_what_it_had(
     assert log.read_text() == '{"event": "earlier"}\n'
 
 
+def test_dora_with_dropout_on_chosen_keys_is_estimated(bench: pytest.Pytester) -> None:
+    model_dir(bench.path)
+    write_yaml(
+        bench.path,
+        BASE + "fine_tune_type: dora\nlora_parameters: {rank: 8, scale: 20.0, dropout: 0.1, "
+        "keys: [self_attn.q_proj, self_attn.v_proj]}\n",
+    )
+    result = bench.runpytest(
+        "--yourai-lora-config", "lora.yaml", "--yourai-estimate-only", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(skipped=1)  # estimate only: the pre-flight, then no probe
+    (check,) = events(read_log(bench.path / "benchmark_log.jsonl"), "preflight_check")
+    assert check["estimated_conservative_gb"] is not None and check["decision"] == "run"
+
+
+def test_dora_on_a_mixture_of_experts_is_a_usage_error(bench: pytest.Pytester) -> None:
+    model_dir(bench.path, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
+    write_yaml(bench.path, BASE + "fine_tune_type: dora\n")
+    result = bench.runpytest_subprocess(
+        "--yourai-lora-config", "lora.yaml", "-p", "no:cacheprovider"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: *lora.yaml*dora on *switch_mlp*SwitchLinear*"])
+    assert "Traceback" not in result.stderr.str()
+
+
 def test_what_the_estimator_cannot_model_is_refused_by_name(bench: pytest.Pytester) -> None:
     model_dir(bench.path)
     write_yaml(
         bench.path,
-        BASE + "lora_parameters: {rank: 8, scale: 20.0, dropout: 0.1}\nfine_tune_type: dora\n",
+        BASE + "optimizer: adafactor\noptimizer_config: {adafactor: {beta_1: 0.9}}\n",
     )
     result = bench.runpytest(
         "--yourai-lora-config", "lora.yaml", "--yourai-estimate-only", "-p", "no:cacheprovider"
     )
     result.assert_outcomes(skipped=1)
     (check,) = events(read_log(bench.path / "benchmark_log.jsonl"), "preflight_check")
-    assert "not modeled yet" in check["reason"]
-    assert "fine_tune_type: dora" in check["reason"] and "dropout: 0.1" in check["reason"]
+    assert "not modeled yet" in check["reason"] and "beta_1" in check["reason"]
     assert check["estimated_conservative_gb"] is None
 
 

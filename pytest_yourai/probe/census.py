@@ -71,6 +71,14 @@ TOP_K_KEYS = (
 )
 
 
+# Leaf names of the linears that read a tensor of their own (an attention's output, the
+# MLP's product): every other linear of a block's part (self_attn, mlp, ...) reads that
+# part's input, shared with its siblings of the same input width (q, k and v; gate and up).
+OUTPUT_LEAVES = frozenset(
+    {"o_proj", "out_proj", "down_proj", "dense", "c_proj", "w2", "fc2", "wo", "dense_4h_to_h"}
+)
+
+
 def _attention_class(name: str) -> bool:
     return "Attention" in name and not any(k in name for k in ("Linear", "Delta", "Lightning"))
 
@@ -155,6 +163,37 @@ def block_census(block: nn.Module, config: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def linear_census(block: nn.Module, before: dict[str, nn.Module]) -> list[list[Any]]:
+    """The layers ``linear_to_lora_layers`` made adapters of in one block (``before``: the
+    block's modules before it ran, by path): for each, its path as mlx-lm's ``keys`` match
+    it, input and output widths, experts (0: a dense linear), whether its weight is
+    quantized, its adapter's parameters at rank 1, and the input it reads (a label shared by
+    the linears that read the same tensor)."""
+    from mlx.utils import tree_flatten
+
+    found = []
+    for path, module in block.named_modules():
+        if "lora_a" not in module:
+            continue
+        base = before.get(path)
+        if base is None or "weight" not in base:
+            continue
+        weight = base["weight"]
+        experts = int(weight.shape[0]) if weight.ndim == 3 else 0
+        out_dim = int(weight.shape[-2])
+        in_dim = (
+            int(base["scales"].shape[-1]) * int(base.group_size)
+            if "scales" in base
+            else int(weight.shape[-1])
+        )
+        leaf = path.rsplit(".", 1)[-1]
+        part = path.split(".", 1)[0]
+        reads = path if leaf in OUTPUT_LEAVES else f"{part}:{in_dim}"
+        rank1 = sum(int(v.size) for _, v in tree_flatten(module.trainable_parameters()))
+        found.append([path, in_dim, out_dim, experts, "scales" in base, rank1, reads])
+    return found
+
+
 def model_census(spec: dict[str, Any]) -> dict[str, Any]:
     """The estimator's input for a model mlx-lm builds: built lazily (nothing allocated),
     quantized as the probe and mlx-lm do. Exact weight bytes, LoRA parameters per block at
@@ -169,10 +208,15 @@ def model_census(spec: dict[str, Any]) -> dict[str, Any]:
     blocks = list(model.layers)
     config = dict(spec["config"])
     kinds = [block_census(block, config) for block in blocks]
+    for kind, block in zip(kinds, blocks, strict=True):
+        # What full fine-tuning unfreezes (mlx_lm.lora: each adapted block's unfreeze()).
+        kind["parameters"] = sum(int(v.size) for _, v in tree_flatten(block.parameters()))
+    befores = [dict(block.named_modules()) for block in blocks]
     model.freeze()
     linear_to_lora_layers(model, len(blocks), {"rank": 1, "scale": 20.0, "dropout": 0.0})
-    for kind, block in zip(kinds, blocks, strict=True):
+    for kind, block, before in zip(kinds, blocks, befores, strict=True):
         kind["lora_rank1"] = sum(int(v.size) for _, v in tree_flatten(block.trainable_parameters()))
+        kind["linears"] = linear_census(block, before)
     runs: list[dict[str, Any]] = []
     for kind in kinds:
         if runs and {k: v for k, v in runs[-1].items() if k != "count"} == kind:
