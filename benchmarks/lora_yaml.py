@@ -964,6 +964,98 @@ def report(path: Path) -> int:
     return 0
 
 
+def estimate(
+    mlx_lm: Path, out: Path, work: Path, backend: str, in_flight: str, available_gb: float
+) -> int:
+    """The plugin's estimate (no probe: ``python -m pytest_yourai.estimate --lora-config``)
+    of each config mlx-lm ran, beside what mlx-lm's process held (its device footprint where
+    it had a GPU, else its peak RSS) and its Peak mem. For runs made on another machine: the
+    models are built here as config.json and tokenizer alone (``--config-only``: what the
+    estimate reads), the data in full."""
+    grid = fixtures().grid()
+    configs = load_configs()
+    measured = [r for r in read_jsonl(mlx_lm) if r.get("status") == "ok" and r["name"] in configs]
+    names = sorted({configs[r["name"]]["yaml"]["model"] for r in measured})
+    data = sorted({configs[r["name"]]["yaml"]["data"] for r in measured})
+    env = dict(os.environ)
+    env[fixtures().GRID_ENV] = str(grid_folder())
+    subprocess.run(
+        [sys.executable, str(FIXTURES), str(work), *names, *data, "--config-only"],
+        check=True,
+        env=env,
+    )
+    out.unlink(missing_ok=True)
+    rows = []
+    for mlx in measured:
+        name = mlx["name"]
+        entry = configs[name]
+        run_dir = work / "estimate" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / f"{name}.yaml"
+        config_path.write_text(
+            resolved_yaml(
+                entry["text"],
+                work / "models" / entry["yaml"]["model"],
+                work / "data" / entry["yaml"]["data"],
+            )
+        )
+        argv = [sys.executable, "-m", "pytest_yourai.estimate", "--lora-config", str(config_path),
+                "--backend", backend, "--in-flight", in_flight, "--available-gb",
+                str(available_gb), "--json"]  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+        answer = json.loads(done.stdout) if done.stdout.strip().startswith("{") else {}
+        held = mlx.get("footprint_peak_gb") or mlx.get("peak_rss_gb")
+        row = {
+            "name": name,
+            "config_sha256": entry["sha256"],
+            "same_config_as_mlx_lm_run": entry["sha256"] == mlx.get("config_sha256"),
+            "command": " ".join(["python -m pytest_yourai.estimate --lora-config NAME.yaml",
+                                 *argv[6:]]),  # fmt: skip
+            "exit_code": done.returncode,
+            "error": None if answer else (done.stderr or done.stdout)[-500:],
+            "estimated_base_gb": answer.get("estimated_base_gb"),
+            "estimated_conservative_gb": answer.get("estimated_conservative_gb"),
+            "estimated_mlx_peak_gb": answer.get("mlx_peak_gb"),
+            "reason": answer.get("reason"),
+            "mlx_lm_held_gb": held,
+            "mlx_lm_reference": "device footprint" if mlx.get("footprint_peak_gb") else "peak RSS",
+            "mlx_lm_peak_gb": mlx.get("mlx_peak_gb"),
+            "base_error": relative(answer.get("estimated_base_gb"), held),
+            "conservative_error": relative(answer.get("estimated_conservative_gb"), held),
+            "conservative_covers": (
+                answer["estimated_conservative_gb"] >= held
+                if answer.get("estimated_conservative_gb") and held
+                else None
+            ),
+            "mlx_peak_error": relative(answer.get("mlx_peak_gb"), mlx.get("mlx_peak_gb")),
+        }
+        append_record(out, row)
+        rows.append(row)
+        print(f"{name:46} base {gb(row['estimated_base_gb'])} cons "
+              f"{gb(row['estimated_conservative_gb'])} vs held {gb(held)} "
+              f"({percent(row['base_error'])}); mlx peak {gb(row['estimated_mlx_peak_gb'])} vs "
+              f"{gb(mlx.get('mlx_peak_gb'))} ({percent(row['mlx_peak_error'])})"
+              + (f" {row['error'] or row['reason']}" if row["error"] or row["reason"] else ""),
+              flush=True)  # fmt: skip
+    summarize_estimates(rows)
+    return 0
+
+
+def summarize_estimates(rows: list[dict[str, Any]]) -> None:
+    estimated = [r for r in rows if r.get("base_error") is not None]
+    if not estimated:
+        print("no estimates")
+        return
+    errors = [abs(r["base_error"]) for r in estimated]
+    under = [r["name"] for r in estimated if r.get("conservative_covers") is False]
+    print(
+        f"{len(estimated)}/{len(rows)} estimated: base |error| median "
+        f"{percent(median(errors), False)}, max {percent(max(errors), False)} (targets "
+        f"{BASE_MEDIAN_TARGET:.0%}, {BASE_MAX_TARGET:.0%}); conservative under what mlx-lm "
+        f"held: {len(under)}" + (f" ({', '.join(under)})" if under else "")
+    )
+
+
 AGREE_SIZES_GB = (2.1, 2.3, 8.0)
 
 
@@ -1065,6 +1157,19 @@ def main() -> int:
     agree_p.add_argument(
         "--work", type=Path, default=Path(tempfile.gettempdir()) / "yourai-lora-yaml"
     )
+    estimate_p = sub.add_parser(
+        "estimate", help="the estimate alone (no probe) of each config of a run file"
+    )
+    estimate_p.add_argument("--mlx-lm", type=Path, required=True, help="a results file of run")
+    estimate_p.add_argument("--out", type=Path, required=True)
+    estimate_p.add_argument(
+        "--work", type=Path, default=Path(tempfile.gettempdir()) / "yourai-lora-yaml-estimate"
+    )
+    estimate_p.add_argument("--backend", default="cpu", choices=("cpu", "cuda", "metal"))
+    estimate_p.add_argument("--in-flight", default="mlx", choices=("mlx", "bounded"))
+    estimate_p.add_argument(
+        "--available-gb", type=float, default=139.0, help="the machine's free memory"
+    )
     report_p = sub.add_parser("report", help="a table and the targets of a compare file")
     report_p.add_argument("path", type=Path)
     args = parser.parse_args()
@@ -1078,6 +1183,11 @@ def main() -> int:
         )
     if args.command == "report":
         return report(args.path)
+    if args.command == "estimate":
+        return estimate(
+            args.mlx_lm, args.out, args.work.resolve(), args.backend, args.in_flight,
+            args.available_gb,
+        )  # fmt: skip
     if args.command == "agree":
         return agree(args.work.resolve(), args.out)
     return run(args.only, args.out, args.work.resolve(), args.rerun, args.timeout)

@@ -8,7 +8,7 @@ directory (nothing here is committed but this code and grid.yaml's recipes):
   tokenizer (tokenizer.json + tokenizer_config.json with a chat template);
 - ``WORK/data/NAME``: train.jsonl and valid.jsonl, seeded: text rows or chat rows.
 
-    python benchmarks/lora_yaml/fixtures.py WORK MODEL_OR_DATA_NAME ...
+    python benchmarks/lora_yaml/fixtures.py WORK MODEL_OR_DATA_NAME ... [--config-only]
 
 Imports mlx (run it in a child process: lora_yaml.py does).
 """
@@ -81,9 +81,13 @@ def save_tokenizer(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def save_model(name: str, recipe: dict[str, Any], directory: Path) -> None:
+def save_model(
+    name: str, recipe: dict[str, Any], directory: Path, config_only: bool = False
+) -> None:
     """Build the recipe's model at random, cast it, quantize it as mlx_lm.convert does, and
-    save it with mlx-lm's own functions."""
+    save it with mlx-lm's own functions. ``config_only``: config.json (with its
+    ``quantization``) and the tokenizer, no weights: the model stays lazy, so a real-size
+    one costs no memory (what the estimate reads; ``estimate`` of lora_yaml.py)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, quantize_model, save_config
@@ -97,7 +101,8 @@ def save_model(name: str, recipe: dict[str, Any], directory: Path) -> None:
     model = model_class(args_class.from_dict(config))
     dtype = recipe.get("dtype", "float32")
     model.set_dtype(getattr(mx, dtype))
-    mx.eval(model.parameters())
+    if not config_only:
+        mx.eval(model.parameters())
     config["torch_dtype"] = dtype
     config["eos_token_id"] = vocabulary()["</s>"]
     bits = int(recipe.get("bits", 16))
@@ -106,7 +111,8 @@ def save_model(name: str, recipe: dict[str, Any], directory: Path) -> None:
             model, config, group_size=int(recipe.get("group_size", 64)), bits=bits
         )
     directory.mkdir(parents=True, exist_ok=True)
-    mlx_save_model(directory, model, donate_model=True)
+    if not config_only:
+        mlx_save_model(directory, model, donate_model=True)
     save_config(config, config_path=directory / "config.json")
     save_tokenizer(directory)
     arrays = len(tree_flatten(model.parameters()))
@@ -158,12 +164,13 @@ def recipe_text(recipe: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    work, names = Path(sys.argv[1]), sys.argv[2:]
+    config_only = "--config-only" in sys.argv
+    work, names = Path(sys.argv[1]), [a for a in sys.argv[2:] if a != "--config-only"]
     spec = grid()
     for name in names:
         if name in spec["models"]:
             recipe, directory = spec["models"][name], work / "models" / name
-            save_model(name, recipe, directory)
+            save_model(name, recipe, directory, config_only)
         elif name in spec["data"]:
             recipe, directory = spec["data"][name], work / "data" / name
             save_data(name, recipe, directory)
