@@ -972,7 +972,6 @@ def estimate(
     it had a GPU, else its peak RSS) and its Peak mem. For runs made on another machine: the
     models are built here as config.json and tokenizer alone (``--config-only``: what the
     estimate reads), the data in full."""
-    grid = fixtures().grid()
     configs = load_configs()
     measured = [r for r in read_jsonl(mlx_lm) if r.get("status") == "ok" and r["name"] in configs]
     names = sorted({configs[r["name"]]["yaml"]["model"] for r in measured})
@@ -1009,8 +1008,9 @@ def estimate(
             "name": name,
             "config_sha256": entry["sha256"],
             "same_config_as_mlx_lm_run": entry["sha256"] == mlx.get("config_sha256"),
-            "command": " ".join(["python -m pytest_yourai.estimate --lora-config NAME.yaml",
-                                 *argv[6:]]),  # fmt: skip
+            "command": " ".join(
+                ["python -m pytest_yourai.estimate --lora-config NAME.yaml", *argv[6:]]
+            ),
             "exit_code": done.returncode,
             "error": None if answer else (done.stderr or done.stdout)[-500:],
             "estimated_base_gb": answer.get("estimated_base_gb"),

@@ -237,6 +237,7 @@ class YouraiBenchmark:
 
     def passed(self, result: dict[str, Any], outcome: ProbeOutcome, stdout: str) -> dict[str, Any]:
         self.prop("verdict", Verdict.PASS)
+        self.session.learn(self.preflight, result, outcome.elapsed_s)
         self.session.timing.learn(
             self.preflight.shape.backend,
             self.preflight.flops_per_step(),

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from pytest_yourai.autoconfig import CONFIG_POLICIES
+from pytest_yourai.census import Census
 from pytest_yourai.errors import YouraiUsageError
-from pytest_yourai.estimator import format_breakdown
+from pytest_yourai.estimator import estimate_training_memory, format_breakdown
 from pytest_yourai.fields import (
     BACKENDS,
     DEFAULT_IN_FLIGHT,
@@ -26,7 +27,9 @@ from pytest_yourai.fields import (
     positive_float,
     run_pins,
 )
+from pytest_yourai.learning import MachineRecord
 from pytest_yourai.lora_data import fine_tune_preset
+from pytest_yourai.machine_record import explain, machine_key, read_record, record_learner
 from pytest_yourai.preflight import Preflight, memory_decision
 from pytest_yourai.presets import Preset, catalog, pick, preset_from_config_json
 
@@ -64,6 +67,19 @@ def estimate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--policy", choices=CONFIG_POLICIES, default="seed")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument(
+        "--explain",
+        action="store_true",
+        help="print the estimate's terms, and what this machine's own probes taught it: the "
+        "correction and the probes it came from",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(".pytest_cache"),
+        help="pytest's cache directory, where this machine's record of its probes is kept "
+        "(default: %(default)s); on this machine's backend the estimate uses it",
+    )
     return parser
 
 
@@ -72,8 +88,19 @@ def pinned(preset: Preset, args: argparse.Namespace) -> Preset:
     return replace(preset, pins={**preset.pins, **run_pins(args)})
 
 
-def resolve(preset: Preset, args: argparse.Namespace, backend: str, available: float) -> Preflight:
-    """The pre-flight's own resolution of the preset's config and estimate."""
+def resolve(
+    preset: Preset,
+    args: argparse.Namespace,
+    backend: str,
+    available: float,
+    record: tuple[MachineRecord, str] | None = None,
+) -> Preflight:
+    """The pre-flight's own resolution of the preset's config and estimate (corrected by
+    this machine's ``record`` of its probes, where given)."""
+
+    def learner_of(preset: Preset, census: Census | None) -> Any:
+        return None if record is None else record_learner(*record, preset, census)
+
     return memory_decision(
         preset,
         available,
@@ -81,7 +108,35 @@ def resolve(preset: Preset, args: argparse.Namespace, backend: str, available: f
         policy=args.policy,
         in_flight=args.in_flight,
         safety_gb=args.safety_gb,
+        learner_of=learner_of,
     )
+
+
+def this_machine_record(args: argparse.Namespace, backend: str) -> tuple[MachineRecord, str] | None:
+    """This machine's record of its probes (pytest's cache), when the estimate is for this
+    machine's backend: (the record, its key)."""
+    import socket
+
+    from pytest_yourai.baseline import machine_id
+    from pytest_yourai.memory import detect_backend, read_machine_memory
+
+    if backend != detect_backend():
+        return None
+    m = read_machine_memory(backend)
+    key = machine_key(machine_id(m.backend, m.device_name, m.total_gb))
+    return read_record(args.cache_dir, socket.gethostname(), key), key
+
+
+def explained(result: Preflight, record: tuple[MachineRecord, str] | None) -> str:
+    """``--explain``: today's terms, then what the record changed."""
+    shape, arch = result.shape, dict(result.preset.architecture)
+    today = estimate_training_memory(arch, shape, result.census)
+    lines = [f"preset: {result.preset.name}", describe(result), format_breakdown(today)]
+    if record is None:
+        lines.append("learned: nothing (the estimate is for another backend than this machine's)")
+    else:
+        lines.append(explain(record[0], record[1], shape, arch, result.census, today))
+    return "\n".join(lines)
 
 
 def describe(result: Preflight) -> str:
@@ -136,7 +191,8 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     available = args.available_gb
     if available is None:
         available = read_machine_memory(backend).available_gb
-    results = [resolve(pinned(p, args), args, backend, available) for p in chosen]
+    record = this_machine_record(args, backend)
+    results = [resolve(pinned(p, args), args, backend, available, record) for p in chosen]
     if args.table:
         print(table(results))
         return 0
@@ -144,8 +200,10 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     if result.refused:
         parser.exit(3, f"{parser.prog}: cannot estimate: {result.reason}\n")
     if args.json:
-        record: dict[str, Any] = {**result.estimate.to_json(), "config": result.record()}
-        print(json.dumps(record))
+        line: dict[str, Any] = {**result.estimate.to_json(), "config": result.record()}
+        print(json.dumps(line))
+    elif args.explain:
+        print(explained(result, record))
     else:
         print(describe(result))
         print(format_breakdown(result.estimate))

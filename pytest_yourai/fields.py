@@ -87,6 +87,9 @@ PREFLIGHT_FIELDS = (
     "decision",
     "reason",
     "safety_gb",
+    # what this machine's own probes changed (learning.py): how many, and the correction
+    "learned_from",
+    "learned_correction",
 )
 
 

@@ -35,9 +35,13 @@ from pytest_yourai.fields import (
     PREFLIGHT_FIELDS,
     default_dtype,
 )
+from pytest_yourai.learning import Learned
 from pytest_yourai.lora_data import data_line
 from pytest_yourai.presets import Preset
 from pytest_yourai.throughput import TimeModel, predict_seconds
+
+# Today's estimate of a shape, corrected by this machine's probes (or None: no record).
+Learner = Callable[[Estimate, TrainingShape], Learned | None]
 
 RUN, SKIP_MEMORY, SKIP_TIME = "run", "skip_memory", "skip_time"
 SKIP_NO_MLX = "skip_no_mlx"  # MLX cannot be imported: nothing is judged
@@ -72,6 +76,7 @@ class Preflight:
     safety_gb: float = 0.0
     refused: bool = False  # no estimate: the model is one the estimator cannot estimate
     census: Census | None = None
+    learned: Learned | None = None  # the correction this machine's probes made to it
 
     @property
     def insufficient(self) -> bool:
@@ -100,6 +105,8 @@ class Preflight:
             "decision": self.decision,
             "reason": self.reason,
             "safety_gb": self.safety_gb,
+            "learned_from": self.learned.learned_from if self.learned is not None else 0,
+            "learned_correction": self.learned.to_json() if self.learned is not None else None,
         }
         return {
             name: values[name] if name in values else getattr(s, name) for name in PREFLIGHT_FIELDS
@@ -108,7 +115,11 @@ class Preflight:
     def properties(self, **context: Any) -> dict[str, Any]:
         """What the test's ``yourai_*`` properties carry (JUnit, the controller's rows):
         the record's known values, the preset's size, and ``context`` (host, worker...)."""
-        values = {k: v for k, v in self.record().items() if v is not None and v != ""}
+        values = {
+            k: v
+            for k, v in self.record().items()
+            if v is not None and v != "" and k != "learned_correction"  # JSON: the log has it
+        }
         data = data_line(self.preset.lora)
         return {
             **values,
@@ -204,6 +215,7 @@ class Resolved:
     shape: TrainingShape
     estimate: Estimate | None
     refusal: str | None = None
+    learned: Learned | None = None
 
 
 def resolve(
@@ -215,22 +227,28 @@ def resolve(
     safety_gb: float = 0.0,
     census: Census | None = None,
     refusal: str | None = None,
+    learner: Learner | None = None,
 ) -> Resolved:
     """The config, once: the preset's pins over the safe-config table's row (by available
     memory), or, with the fit policy, over the largest candidate whose conservative
     footprint fits by the go rule. Each distinct candidate is estimated once; nothing is
-    estimated for a model whose census was refused (``refusal``)."""
+    estimated for a model whose census was refused (``refusal``). ``learner`` corrects
+    each estimate by this machine's own probes (machine_record.py), or says nothing."""
     pins, arch = preset.pins, preset.architecture
     num_layers = int(arch["num_hidden_layers"])
     table = apply_pins(safe_config_table(preset.size_billions, available_gb, num_layers), pins)
     if refusal is not None:
         return Resolved(table, training_shape(preset, table, backend, in_flight), None, refusal)
     estimates: dict[BenchmarkConfig, Estimate] = {}
+    learned: dict[BenchmarkConfig, Learned | None] = {}
 
     def estimate(config: BenchmarkConfig) -> Estimate:
         if config not in estimates:
             shape = training_shape(preset, config, backend, in_flight)
-            estimates[config] = estimate_training_memory(arch, shape, census)
+            today = estimate_training_memory(arch, shape, census)
+            learned[config] = learner(today, shape) if learner is not None else None
+            found = learned[config]
+            estimates[config] = found.estimate if found is not None else today
         return estimates[config]
 
     config = table
@@ -246,7 +264,8 @@ def resolve(
         found = estimate(config)
     except EstimateRefused as exc:
         return Resolved(table, training_shape(preset, table, backend, in_flight), None, str(exc))
-    return Resolved(config, training_shape(preset, config, backend, in_flight), found)
+    shape = training_shape(preset, config, backend, in_flight)
+    return Resolved(config, shape, found, learned=learned.get(config))
 
 
 def plan(
@@ -263,6 +282,7 @@ def plan(
     timing: TimeModel | None = None,
     census: Census | None = None,
     refusal: str | None = None,
+    learner: Learner | None = None,
 ) -> Preflight:
     """Resolve the config (once), then decide: memory by the go rule, then time.
 
@@ -275,11 +295,13 @@ def plan(
     would run, so nothing is measured for one skipped on memory). A preset is skipped for
     time only when even the optimistic prediction exceeds the timeout, so one that would
     finish is never skipped."""
-    chosen = resolve(preset, available_gb, backend, policy, in_flight, safety_gb, census, refusal)
+    chosen = resolve(
+        preset, available_gb, backend, policy, in_flight, safety_gb, census, refusal, learner
+    )
     steps = int(preset.pins.get("steps", DEFAULT_STEPS))
     result = Preflight(
         preset, chosen.config, chosen.shape, steps, chosen.estimate or Estimate(0.0, 0.0, {}),
-        available_gb, None, RUN, "", safety_gb=safety_gb, census=census,
+        available_gb, None, RUN, "", safety_gb=safety_gb, census=census, learned=chosen.learned,
     )  # fmt: skip
     if chosen.refusal is not None:
         reason = (
@@ -386,9 +408,11 @@ def memory_decision(
     in_flight: str,
     safety_gb: float,
     cache: Any = None,
+    learner_of: Callable[[Preset, Census | None], Learner | None] | None = None,
 ) -> Preflight:
     """The pre-flight's decision on memory alone (no timeout, no force): what the estimate
-    command and the fit map report, so they and the pre-flight cannot drift apart."""
+    command and the fit map report, so they and the pre-flight cannot drift apart.
+    ``learner_of`` gives the preset's correction by this machine's probes, if any."""
     census, refusal = find_census(preset, backend, cache)
     return plan(
         preset,
@@ -402,6 +426,7 @@ def memory_decision(
         safety_gb=safety_gb,
         census=census,
         refusal=refusal,
+        learner=learner_of(preset, census) if learner_of is not None else None,
     )
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from pytest_yourai import __version__, baseline
 from pytest_yourai.admission import Ledger
-from pytest_yourai.estimator import TrainingShape
+from pytest_yourai.estimator import Estimate, TrainingShape
 from pytest_yourai.eventlog import (
     BENCHMARK_COMPLETE,
     BENCHMARK_START,
@@ -32,9 +32,11 @@ from pytest_yourai.eventlog import (
     check_log_path,
 )
 from pytest_yourai.files import prepare_output
+from pytest_yourai.learning import Learned
 from pytest_yourai.lora_data import check_built_model, data_record, with_data
 from pytest_yourai.lora_preset import lora_catalog
 from pytest_yourai.machine import Machine
+from pytest_yourai.machine_record import MachineLearning, machine_key
 from pytest_yourai.preflight import SKIP_NO_MLX, Preflight, find_census, plan
 from pytest_yourai.presets import (
     Preset,
@@ -123,6 +125,8 @@ class YouraiSession:
         )
         cache = getattr(config, "cache", None)
         self.timing = MachineTiming(cache, self.host, enabled=settings.probe_command is None)
+        self.learning = MachineLearning(cache, self.host, enabled=settings.probe_command is None)
+        self.alone = int(workerinput.get("workercount") or 1) <= 1
         # One ledger per host: a worker on the controller's host uses the controller's
         # (whatever directory the worker runs in); another host, its own cache dir.
         ledger_dir = cache.mkdir("yourai") if cache is not None else settings.log_path.parent
@@ -173,8 +177,29 @@ class YouraiSession:
             f"total {m.total_gb:.1f} GB, available {m.available_gb:.1f} GB{cap} | "
             f"in flight {settings.in_flight} | force {'on' if settings.force else 'off'}"
             + (" | estimate only" if settings.estimate_only else "")
+            + self.learned_text()
             + (f" | available = {m.source}" if m.backend == "metal" else "")
         )
+
+    def machine_key(self) -> str:
+        return machine_key(self.machine.machine_id())
+
+    def learned_text(self) -> str:
+        if not self.learning.enabled:
+            return ""
+        if self.settings.forget_machine:
+            return " | learned: forgotten (--yourai-forget-machine)"
+        probes = len(self.learning.record(self.machine_key()).probes)
+        return f" | learned from {probes} probe{'s' if probes != 1 else ''} on this machine"
+
+    def learn(self, preflight: Preflight, result: dict[str, Any], elapsed_s: float) -> None:
+        """What a probe that passed measured, for the next estimates on this machine."""
+        if preflight.refused:
+            return
+        self.learning.add(
+            self.machine_key(), dict(preflight.preset.architecture), preflight.shape, result,
+            preflight.census, alone=self.alone, elapsed_s=elapsed_s,
+        )  # fmt: skip
 
     # -- run start / complete (the controller, or a single process) ----------------------
 
@@ -183,6 +208,8 @@ class YouraiSession:
             return
         self.started = True
         m, s = self.machine.memory(fresh=True), self.settings
+        if s.forget_machine:
+            self.learning.forget(self.machine_key())
         self.log.write_event(
             BENCHMARK_START,
             max_memory_gb=s.max_memory_gb,
@@ -252,6 +279,10 @@ class YouraiSession:
         machine, settings = self.machine.memory(), self.settings
         census, refusal = find_census(preset, machine.backend, getattr(self.config, "cache", None))
         measure = not settings.estimate_only
+        key, arch = self.machine_key(), dict(preset.architecture)
+
+        def learner(estimate: Estimate, shape: TrainingShape) -> Learned | None:
+            return self.learning.correct(key, estimate, shape, arch, census)
 
         def gflops(shape: TrainingShape) -> float | None:
             return self.timing.gflops(shape.backend, shape.dtype, shape.bits, measure)
@@ -269,6 +300,7 @@ class YouraiSession:
             timing=self.timing.model(machine.backend),
             census=census,
             refusal=refusal,
+            learner=learner,
         )
         self.log.write_event(
             PREFLIGHT_CHECK,

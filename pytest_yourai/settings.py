@@ -109,6 +109,14 @@ OPTIONS: tuple[Option, ...] = (
         False,
     ),
     Option(
+        "--yourai-forget-machine",
+        "yourai_forget_machine",
+        "start this machine's record afresh: forget what its earlier probes taught the "
+        "estimate (the record is kept in pytest's cache; see docs/estimator.md)",
+        "bool",
+        False,
+    ),
+    Option(
         "--yourai-presets",
         "yourai_presets",
         "comma-separated preset names to benchmark (default: all)",
@@ -250,6 +258,7 @@ class Settings:
     presets_file: Path | None
     lora_configs: tuple[Path, ...]
     trust_remote_code: bool
+    forget_machine: bool
     preset_names: tuple[str, ...] | None
     timeout_s: float
     safety_gb: float
@@ -445,6 +454,7 @@ def resolve(config: pytest.Config) -> Settings:
         presets_file=get("yourai_presets_file", read.path),
         lora_configs=get("yourai_lora_config", read.paths) or (),
         trust_remote_code=bool(get("yourai_trust_remote_code", _as_bool)),
+        forget_machine=bool(get("yourai_forget_machine", _as_bool)),
         preset_names=get("yourai_presets", _as_names),
         timeout_s=get("yourai_timeout", _as_positive),
         safety_gb=get("yourai_safety_gb", _as_float),

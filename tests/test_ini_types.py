@@ -44,6 +44,7 @@ NATIVE_VALUES: dict[str, Any] = {
     "yourai_baseline_dir": "baselines",
     "yourai_search": True,
     "yourai_trust_remote_code": True,
+    "yourai_forget_machine": True,
 }
 
 # The same values as an ini file holds them: strings, lists as a shell splits them (the

@@ -1,0 +1,171 @@
+"""Where this machine's probes are kept for learning.py: pytest's cache, per host, beside the
+timing that throughput.MachineTiming keeps.
+
+The record's key is the machine as the correction needs it to be the same: the backend, the
+device and its memory (baseline.machine_id) and MLX's version (read from the installed
+package's metadata: this process never imports mlx). A record of another key, or of another
+calibration of the estimator, is not used (learning.MachineRecord.from_json).
+``--yourai-forget-machine`` empties it at the start of a run.
+
+Probes are added after each one that passed, by whichever process ran it (an xdist worker
+writes the cache of its own host); two workers finishing at once may each write a record
+without the other's probe: one probe lost, nothing wrong learned.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pytest_yourai.census import Census
+from pytest_yourai.estimator import Estimate, TrainingShape
+from pytest_yourai.learning import Learned, MachineRecord, Probe, correct, probe_of, sources
+from pytest_yourai.presets import Preset
+
+
+def mlx_version() -> str:
+    try:
+        return metadata.version("mlx")
+    except metadata.PackageNotFoundError:
+        return "none"
+
+
+def machine_key(machine_id: str) -> str:
+    """The record's key: the machine (backend, device, memory) and MLX's version."""
+    return f"{machine_id}|mlx {mlx_version()}"
+
+
+def boot_id() -> str:
+    """This boot of this machine (a cold start is the first probe of one): Linux's boot id,
+    else nothing (every probe then counts as warm after the first the record holds)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip()
+    except OSError:
+        return ""
+
+
+def cache_key(host: str) -> str:
+    return f"yourai/learned/{host}"
+
+
+class MachineLearning:
+    """The record of this machine in pytest's ``cache``. ``enabled`` is False for a custom
+    probe command (its measurements are its own) or without a cache."""
+
+    def __init__(self, cache: Any, host: str, enabled: bool) -> None:
+        self.cache, self.host = cache, host
+        self.enabled = enabled and cache is not None
+
+    def record(self, key: str) -> MachineRecord:
+        if not self.enabled:
+            return MachineRecord(key)
+        return MachineRecord.from_json(self.cache.get(cache_key(self.host), None), key)
+
+    def forget(self, key: str) -> None:
+        if self.enabled:
+            self.cache.set(cache_key(self.host), MachineRecord(key).to_json())
+
+    def correct(
+        self,
+        key: str,
+        estimate: Estimate,
+        shape: TrainingShape,
+        arch: dict[str, Any],
+        census: Census | None,
+    ) -> Learned | None:
+        """Today's ``estimate`` corrected by this machine's probes (None: no record)."""
+        record = self.record(key)
+        if not record.probes:
+            return None
+        return correct(record, key, estimate, shape, arch, census)
+
+    def add(
+        self,
+        key: str,
+        arch: dict[str, Any],
+        shape: TrainingShape,
+        result: dict[str, Any],
+        census: Census | None,
+        *,
+        alone: bool,
+        elapsed_s: float,
+    ) -> None:
+        """Keep what a probe that passed measured (nothing without MLX's peak)."""
+        peak = result.get("train_peak_memory_gb", result.get("peak_memory_gb"))
+        if not self.enabled or not isinstance(peak, int | float):
+            return
+        footprint = result.get("footprint_peak_gb")
+        build, train = result.get("build_footprint_gb"), result.get("train_footprint_gb")
+        phase = "build" if isinstance(build, int | float) and build > (train or 0.0) else "train"
+        steps = [float(s) for s in result.get("step_seconds") or []]
+        steady = sorted(steps[1:]) or steps
+        probe: Probe = probe_of(
+            arch,
+            shape,
+            float(footprint) if isinstance(footprint, int | float) else None,
+            float(peak),
+            census,
+            phase=phase,
+            session=f"{boot_id()}|{machine_key('')}",
+            alone=alone,
+            steps=len(steps),
+            step_s=steady[len(steady) // 2] if steady else 0.0,
+            elapsed_s=elapsed_s,
+        )
+        self.cache.set(cache_key(self.host), self.record(key).add(probe).to_json())
+
+
+def record_learner(record: MachineRecord, key: str, preset: Preset, census: Census | None) -> Any:
+    """The pre-flight's ``learner`` (preflight.Learner) for ``preset`` from a record read
+    outside pytest (the command line tools), or None where it holds nothing of ``key``."""
+    if not record.of(key):
+        return None
+    arch = dict(preset.architecture)
+
+    def learner(estimate: Estimate, shape: TrainingShape) -> Learned | None:
+        return correct(record, key, estimate, shape, arch, census)
+
+    return learner
+
+
+def explain(
+    record: MachineRecord, key: str, shape: TrainingShape, arch: dict[str, Any],
+    census: Census | None, today: Estimate,
+) -> str:  # fmt: skip
+    """What ``yourai estimate --explain`` says of the correction: today's figures, the
+    corrected ones, the correction's terms and the probes it came from."""
+    probes = record.of(key, shape.in_flight)
+    if not probes:
+        return f"learned from 0 probes on this machine ({key}): today's estimate, uncorrected"
+    learned = correct(record, key, today, shape, arch, census)
+    e = learned.estimate
+    lines = [
+        f"learned from {len(probes)} probe{'s' if len(probes) != 1 else ''} on this machine "
+        f"({key}, in flight {shape.in_flight}):",
+        f"  footprint: today {today.estimated_base_gb:.3f}-{today.estimated_conservative_gb:.3f}"
+        f" GB, learned {e.estimated_base_gb:.3f}-{e.estimated_conservative_gb:.3f} GB",
+        f"  MLX peak:  today {today.mlx_peak_gb:.3f} GB, learned {e.mlx_peak_gb:.3f} GB",
+        f"  correction: {learned.to_json()}",
+        "  from (weight, measured footprint / MLX peak GB, predicted then, seconds):",
+    ]
+    for weight, probe in sources(record, key, shape, arch, census):
+        measured = "-" if probe.measured_gb is None else f"{probe.measured_gb:.3f}"
+        lines.append(
+            f"    {weight:7.3f}  {measured} / {probe.measured_peak_gb:.3f}  "
+            f"{probe.run.predicted_gb:.3f}  {probe.elapsed_s:.1f} s  "
+            f"({probe.run.model_type}, run {probe.run.run}, {probe.run.window_class})"
+        )
+    return "\n".join(lines)
+
+
+def read_record(cache_dir: Path, host: str, key: str) -> MachineRecord:
+    """The record as a command line tool finds it: pytest's cache directory holds each key
+    as a JSON file under ``v/``."""
+    path = cache_dir / "v" / cache_key(host)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return MachineRecord(key)
+    return MachineRecord.from_json(data, key)
