@@ -62,6 +62,7 @@ from pytest_yourai.estimator import (  # noqa: E402
     estimate_training_memory,
     training_flops,
 )
+from pytest_yourai.machine_record import learned_estimate  # noqa: E402
 from pytest_yourai.preflight import needs_census  # noqa: E402
 from pytest_yourai.throughput import TimingObservation, fit, observe  # noqa: E402
 
@@ -286,6 +287,16 @@ class Scored:
     today_s: float | None
     learned_s: learning.TimePrediction | None
     repeat: bool = False  # its run was probed before on this machine, in this mode
+    # what the pre-flight uses (machine_record.learned_estimate: the learned figures for a
+    # run probed here before, today's for any other)
+    used: Estimate | None = None
+
+    def estimate(self, which: str) -> Estimate:
+        if which == "today":
+            return self.today
+        if which == "preflight" and self.used is not None:
+            return self.used
+        return self.learned.estimate
 
     def row(self) -> dict[str, Any]:
         s, t, est = self.line.shape, self.today, self.learned.estimate
@@ -310,6 +321,7 @@ class Scored:
             "today_peak_gb": [round(t.mlx_peak_gb, 3), round(t.mlx_peak_conservative_gb, 3)],
             "learned_peak_gb": [round(est.mlx_peak_gb, 3), round(est.mlx_peak_conservative_gb, 3)],
             "learning": self.learned.to_json(),
+            "preflight_uses_learned": self.used is not self.today,
             "took_s": self.took_s,
             "today_s": None if self.today_s is None else round(self.today_s, 1),
             "learned_s": None if self.learned_s is None else round(self.learned_s.seconds, 1),
@@ -331,8 +343,9 @@ def replay(cache: CensusCache, k: int = K) -> tuple[list[Scored], list[dict[str,
             key = machine_key(line)
             today = estimate_training_memory(line.arch, line.shape, line.census)
             learned = learning.correct(record, key, today, line.shape, line.arch, line.census)
+            used = learned_estimate(record, key, today, line.shape, line.arch, line.census).estimate
             if line.is_attempt():
-                attempts.append(attempt(line, today, learned))
+                attempts.append(attempt(line, today, learned, used))
                 if "result" not in line.record:
                     continue  # not a probe: a 0.85 level, or a go run that failed
             mode = line.shape.in_flight
@@ -341,6 +354,7 @@ def replay(cache: CensusCache, k: int = K) -> tuple[list[Scored], list[dict[str,
             if seen.get(mode, 0) >= k:
                 scored.append(score(line, today, learned, record, timings))
                 scored[-1].repeat = run in runs
+                scored[-1].used = used
             seen[mode] = seen.get(mode, 0) + 1
             runs.add(run)
             record = record.add(new)
@@ -377,7 +391,9 @@ def score(
     )
 
 
-def attempt(line: Line, today: Estimate, learned: learning.Learned) -> dict[str, Any]:
+def attempt(
+    line: Line, today: Estimate, learned: learning.Learned, used: Estimate
+) -> dict[str, Any]:
     """A survival attempt against the learned go rule: would it have gone, and did it fit."""
     free = float(line.raw["free_before_gb"])
     conservative = learned.estimate.estimated_conservative_gb
@@ -396,6 +412,8 @@ def attempt(line: Line, today: Estimate, learned: learning.Learned) -> dict[str,
         "learned_from": learned.learned_from,
         "learned_go": conservative + SAFETY_GB <= free,
         "today_go": today.estimated_conservative_gb + SAFETY_GB <= free,
+        "preflight_conservative_gb": round(used.estimated_conservative_gb, 3),
+        "preflight_go": used.estimated_conservative_gb + SAFETY_GB <= free,
     }
 
 
@@ -433,13 +451,14 @@ def time_figures(pairs: list[tuple[float, float | None]]) -> dict[str, Any]:
     }
 
 
-def measure(rows: list[Scored], learned: bool, footprint: bool) -> dict[str, Any]:
-    """One measure's figures over rows (the footprint or MLX's peak): all, new runs, repeats."""
+def measure(rows: list[Scored], which: str, footprint: bool) -> dict[str, Any]:
+    """One measure's figures over rows (the footprint or MLX's peak): all, new runs, repeats;
+    ``which`` estimate: "learning", "today" or "preflight" (Scored.estimate)."""
 
     def pairs(chosen: list[Scored]) -> list[tuple[float, float, float]]:
         out = []
         for s in chosen:
-            est = s.learned.estimate if learned else s.today
+            est = s.estimate(which)
             if footprint and s.footprint:
                 out.append((est.estimated_base_gb, est.estimated_conservative_gb, s.footprint))
             elif not footprint:
@@ -462,11 +481,12 @@ def measure(rows: list[Scored], learned: bool, footprint: bool) -> dict[str, Any
     return parts
 
 
-def summary(rows: list[Scored], learned: bool) -> dict[str, Any]:
+def summary(rows: list[Scored], which: str) -> dict[str, Any]:
     out: dict[str, Any] = {"lines": len(rows)}
+    learned = which != "today"  # the pre-flight's time is the learned one
     if any(s.footprint for s in rows):
-        out["footprint"] = measure(rows, learned, True)
-    out["mlx_peak"] = measure(rows, learned, False)
+        out["footprint"] = measure(rows, which, True)
+    out["mlx_peak"] = measure(rows, which, False)
     for part, chosen in (("time", rows), ("time_alone", [s for s in rows if s.line.alone])):
         pairs = [
             (s.took_s, (s.learned_s.seconds if s.learned_s else None) if learned else s.today_s)
@@ -489,8 +509,9 @@ def report(scored: list[Scored], attempts: list[dict[str, Any]]) -> dict[str, An
             rows = [s for s in scored if s.line.machine == machine and mode_of(s) == mode]
             if rows:
                 machines.setdefault(machine, {})[mode] = {
-                    "learning": summary(rows, True),
-                    "today": summary(rows, False),
+                    "learning": summary(rows, "learning"),
+                    "today": summary(rows, "today"),
+                    "preflight": summary(rows, "preflight"),
                 }
     go_runs = [a for a in attempts if a["level"] == "go" and a["survived"] and a["footprint_gb"]]
     survival = {
@@ -503,6 +524,16 @@ def report(scored: list[Scored], attempts: list[dict[str, Any]]) -> dict[str, An
         "today_go_that_did_not_survive": sum(a["today_go"] and not a["survived"] for a in attempts),
         "survived_but_learned_would_not_go": sum(
             a["survived"] and not a["learned_go"] for a in attempts
+        ),
+        "preflight_go": sum(a["preflight_go"] for a in attempts),
+        "preflight_go_that_did_not_survive": sum(
+            a["preflight_go"] and not a["survived"] for a in attempts
+        ),
+        "survived_but_preflight_would_not_go": sum(
+            a["survived"] and not a["preflight_go"] for a in attempts
+        ),
+        "survived_but_today_would_not_go": sum(
+            a["survived"] and not a["today_go"] for a in attempts
         ),
         "go_runs_with_learned_conservative_under_footprint": sum(
             a["learned_conservative_gb"] < a["footprint_gb"] for a in go_runs if a["learned_from"]
@@ -603,6 +634,23 @@ def print_table(figures: dict[str, Any]) -> None:
         f"conservative figure under their footprint: "
         f"{s['go_runs_with_learned_conservative_under_footprint']}"
     )
+    print(
+        f"the pre-flight's rule (learned figures for runs probed before, today's otherwise) lets "
+        f"{s['preflight_go']} go, of which did not survive: "
+        f"{s['preflight_go_that_did_not_survive']}; survived but it would not let go: "
+        f"{s['survived_but_preflight_would_not_go']} (today's: "
+        f"{s['survived_but_today_would_not_go']})"
+    )
+    for machine, modes in figures["machines"].items():
+        for mode, arms in modes.items():
+            name, used = decision_measure(arms["preflight"])
+            fig = used["all"]
+            print(
+                f"pre-flight, {machine} {mode} ({name}, {fig['lines']} lines): median "
+                f"{fig['median_abs_error_pct']:.1f}%, max {fig['max_abs_error_pct']:.1f}%, "
+                f"conservative/measured {fig['conservative_least']:.2f}-"
+                f"{fig['conservative_most']:.2f}, under {fig['conservative_under']}"
+            )
     for machine, met in figures["targets_met"].items():
         shown = ", ".join(
             f"{k} {'met' if v else 'NOT met'}" for k, v in met.items() if k != "measure"

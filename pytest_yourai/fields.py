@@ -90,6 +90,8 @@ PREFLIGHT_FIELDS = (
     # what this machine's own probes changed (learning.py): how many, and the correction
     "learned_from",
     "learned_correction",
+    # of predicted_seconds, the cold start (MLX compiling its kernels afresh) it includes
+    "predicted_cold_start_s",
 )
 
 

@@ -494,6 +494,8 @@ class Learned:
     learned_from: int  # probes of this key and mode
     footprint: Corrected | None
     peak: Corrected | None
+    # whether the caller uses ``estimate`` (machine_record.py: only for runs probed here)
+    applied: bool = True
 
     def to_json(self) -> dict[str, Any]:
         def part(c: Corrected | None) -> dict[str, Any] | None:
@@ -511,6 +513,7 @@ class Learned:
 
         return {
             "learned_from": self.learned_from,
+            "applied": self.applied,
             "footprint": part(self.footprint),
             "mlx_peak": part(self.peak),
         }

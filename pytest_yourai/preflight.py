@@ -77,6 +77,7 @@ class Preflight:
     refused: bool = False  # no estimate: the model is one the estimator cannot estimate
     census: Census | None = None
     learned: Learned | None = None  # the correction this machine's probes made to it
+    cold_start_s: float | None = None  # the cold start within predicted_seconds (learned)
 
     @property
     def insufficient(self) -> bool:
@@ -107,6 +108,9 @@ class Preflight:
             "safety_gb": self.safety_gb,
             "learned_from": self.learned.learned_from if self.learned is not None else 0,
             "learned_correction": self.learned.to_json() if self.learned is not None else None,
+            "predicted_cold_start_s": None
+            if self.cold_start_s is None
+            else round(self.cold_start_s, 1),
         }
         return {
             name: values[name] if name in values else getattr(s, name) for name in PREFLIGHT_FIELDS

@@ -302,6 +302,7 @@ class YouraiSession:
             refusal=refusal,
             learner=learner,
         )
+        result = self.learning.timed(key, result)
         self.log.write_event(
             PREFLIGHT_CHECK,
             **result.record(),

@@ -302,6 +302,18 @@ def test_replay_of_the_committed_results_holds_the_targets(tmp_path: Path) -> No
     fresh, committed = json.loads(out.read_text()), json.loads(COMMITTED.read_text())
     survival = fresh["survival"]
     assert survival["learned_go_that_did_not_survive"] == 0
+    # What the pre-flight does (learned figures for runs probed before, today's otherwise):
+    # no go that died, no more refusals of runs that survived than today's estimate, and
+    # never under the footprint with MLX's defaults on the H200.
+    assert survival["preflight_go_that_did_not_survive"] == 0
+    assert (
+        survival["survived_but_preflight_would_not_go"]
+        <= survival["survived_but_today_would_not_go"]
+    )
+    used = fresh["machines"]["H200"]["mlx"]["preflight"]["footprint"]["all"]
+    assert used["conservative_under"] == 0
+    today = fresh["machines"]["H200"]["mlx"]["today"]["footprint"]["all"]
+    assert used["median_abs_error_pct"] <= today["median_abs_error_pct"]
     assert survival["go_runs_with_learned_conservative_under_footprint"] == 0
     h200 = fresh["machines"]["H200"]
     mlx = h200["mlx"]["learning"]["footprint"]["all"]

@@ -50,6 +50,10 @@ def test_the_next_estimate_learns_from_this_machines_probe_and_forgets_on_reques
     before, after = check["estimated_base_gb"], learned["estimated_base_gb"]
     assert abs(after - measured) <= abs(before - measured)
     assert learned["estimated_conservative_gb"] >= measured
+    # Time from the probe itself: the same boot and install, so no cold start is charged.
+    assert learned["predicted_cold_start_s"] == 0.0
+    took = float(row["elapsed_s"])
+    assert 0.5 * took <= learned["predicted_seconds"] <= 2 * took
 
     third, forgotten, _ = run(bench, "--yourai-forget-machine", "--yourai-estimate-only")
     third.stdout.fnmatch_lines(["yourai:*learned: forgotten (--yourai-forget-machine)*"])
@@ -81,3 +85,19 @@ def test_estimate_explain_prints_the_terms_and_what_was_learned(bench: pytest.Py
     text = explained.stdout
     assert "weights_gb" in text and "estimated_conservative_gb" in text
     assert "learned from 1 probe" in text and PRESET in text
+
+
+def test_a_run_not_probed_here_keeps_todays_estimate(bench: pytest.Pytester) -> None:
+    # Replayed first sightings were off by more than today's estimate: the correction is
+    # reported for them, not applied (machine_record.learned_estimate).
+    log = bench.path / "benchmark_log.jsonl"
+    bench.runpytest_subprocess("-k", "tiny-qwen2", "--yourai-estimate-only")
+    (before,) = events(read_log(log), "preflight_check")
+    log.unlink()
+    run(bench)[0].assert_outcomes(passed=1)  # a probe of tiny-llama
+    log.unlink()
+    bench.runpytest_subprocess("-k", "tiny-qwen2", "--yourai-estimate-only")
+    (after,) = events(read_log(log), "preflight_check")
+    assert after["learned_from"] == 1 and after["learned_correction"]["applied"] is False
+    for field in ("estimated_base_gb", "estimated_conservative_gb", "mlx_peak_gb"):
+        assert after[field] == before[field], field
