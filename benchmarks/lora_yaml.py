@@ -1123,33 +1123,29 @@ def main() -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the grid, what each config covers, and the coverage check")
-    run_p = sub.add_parser("run", help="run the configs, one JSON line each")
-    run_p.add_argument("--only", nargs="+", default=[], metavar="NAME")
-    run_p.add_argument("--out", type=Path, required=True)
-    run_p.add_argument(
-        "--work",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "yourai-lora-yaml",
-        help="where models, data and runs are written (default: %(default)s)",
-    )
-    run_p.add_argument("--rerun", action="store_true", help="run (and replace) configs in --out")
-    run_p.add_argument(
-        "--timeout", type=int, default=TIMEOUT_S, help="seconds per config (%(default)s)"
+
+    def runs_configs(command: argparse.ArgumentParser, work: str, rerun: str) -> None:
+        command.add_argument("--only", nargs="+", default=[], metavar="NAME")
+        command.add_argument("--out", type=Path, required=True)
+        command.add_argument(
+            "--work",
+            type=Path,
+            default=Path(tempfile.gettempdir()) / "yourai-lora-yaml",
+            help=f"{work} (default: %(default)s)",
+        )
+        command.add_argument("--rerun", action="store_true", help=rerun)
+        command.add_argument(
+            "--timeout", type=int, default=TIMEOUT_S, help="seconds per config (%(default)s)"
+        )
+
+    runs_configs(
+        sub.add_parser("run", help="run the configs, one JSON line each"),
+        "where models, data and runs are written",
+        "run (and replace) configs in --out",
     )
     compare_p = sub.add_parser("compare", help="run the plugin on the configs mlx-lm ran")
     compare_p.add_argument("--mlx-lm", type=Path, required=True, help="a results file of run")
-    compare_p.add_argument("--only", nargs="+", default=[], metavar="NAME")
-    compare_p.add_argument("--out", type=Path, required=True)
-    compare_p.add_argument(
-        "--work",
-        type=Path,
-        default=Path(tempfile.gettempdir()) / "yourai-lora-yaml",
-        help="the work directory of run (default: %(default)s)",
-    )
-    compare_p.add_argument("--rerun", action="store_true", help="compare (and replace) again")
-    compare_p.add_argument(
-        "--timeout", type=int, default=TIMEOUT_S, help="seconds per config (%(default)s)"
-    )
+    runs_configs(compare_p, "the work directory of run", "compare (and replace) again")
     agree_p = sub.add_parser(
         "agree", help="yourai check against the pre-flight on compare's YAML files, 3 sizes"
     )
