@@ -31,6 +31,7 @@ from pytest_yourai.fields import (
     positive_float,
 )
 from pytest_yourai.lora_data import data_line, fine_tune_preset
+from pytest_yourai.machine_record import add_cache_dir_flag, learner_of, this_machine
 from pytest_yourai.preflight import RUN, Preflight, memory_decision
 from pytest_yourai.presets import Preset
 
@@ -58,13 +59,16 @@ def parser() -> argparse.ArgumentParser:
         "trust_remote_code alone never does)",
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    add_cache_dir_flag(p)
     return p
 
 
 def decide(preset: Preset, memory_gb: float, backend: str, args: argparse.Namespace) -> Preflight:
+    """The pre-flight's decision, with this machine's record of its probes where the
+    question is about this machine's backend (as the pre-flight would use it)."""
     return memory_decision(
         preset, memory_gb, backend, policy="seed", in_flight=args.in_flight,
-        safety_gb=args.safety_gb,
+        safety_gb=args.safety_gb, learner_of=args.learner_of,
     )  # fmt: skip
 
 
@@ -145,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"yourai check: error: {exc}\n")
         return EXIT_USAGE
     memory = args.memory if args.memory is not None else read_machine_memory(backend).available_gb
+    args.learner_of = learner_of(this_machine(args.cache_dir, backend))  # read once
     result = decide(preset, memory, backend, args)
     fits = result.decision == RUN and not result.refused
     nearest = None if fits or result.refused else nearest_fit(preset, memory, backend, args)

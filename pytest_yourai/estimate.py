@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from pytest_yourai.autoconfig import CONFIG_POLICIES
-from pytest_yourai.census import Census
 from pytest_yourai.errors import YouraiUsageError
 from pytest_yourai.estimator import estimate_training_memory, format_breakdown
 from pytest_yourai.fields import (
@@ -29,7 +28,7 @@ from pytest_yourai.fields import (
 )
 from pytest_yourai.learning import MachineRecord
 from pytest_yourai.lora_data import fine_tune_preset
-from pytest_yourai.machine_record import explain, machine_key, read_record, record_learner
+from pytest_yourai.machine_record import add_cache_dir_flag, explain, learner_of, this_machine
 from pytest_yourai.preflight import Preflight, memory_decision
 from pytest_yourai.presets import Preset, catalog, pick, preset_from_config_json
 
@@ -73,13 +72,7 @@ def estimate_parser() -> argparse.ArgumentParser:
         help="print the estimate's terms, and what this machine's own probes taught it: the "
         "correction and the probes it came from",
     )
-    parser.add_argument(
-        "--cache-dir",
-        type=Path,
-        default=Path(".pytest_cache"),
-        help="pytest's cache directory, where this machine's record of its probes is kept "
-        "(default: %(default)s); on this machine's backend the estimate uses it",
-    )
+    add_cache_dir_flag(parser)
     return parser
 
 
@@ -97,10 +90,6 @@ def resolve(
 ) -> Preflight:
     """The pre-flight's own resolution of the preset's config and estimate (corrected by
     this machine's ``record`` of its probes, where given)."""
-
-    def learner_of(preset: Preset, census: Census | None) -> Any:
-        return None if record is None else record_learner(*record, preset, census)
-
     return memory_decision(
         preset,
         available,
@@ -108,23 +97,8 @@ def resolve(
         policy=args.policy,
         in_flight=args.in_flight,
         safety_gb=args.safety_gb,
-        learner_of=learner_of,
+        learner_of=learner_of(record),
     )
-
-
-def this_machine_record(args: argparse.Namespace, backend: str) -> tuple[MachineRecord, str] | None:
-    """This machine's record of its probes (pytest's cache), when the estimate is for this
-    machine's backend: (the record, its key)."""
-    import socket
-
-    from pytest_yourai.baseline import machine_id
-    from pytest_yourai.memory import detect_backend, read_machine_memory
-
-    if backend != detect_backend():
-        return None
-    m = read_machine_memory(backend)
-    key = machine_key(machine_id(m.backend, m.device_name, m.total_gb))
-    return read_record(args.cache_dir, socket.gethostname(), key), key
 
 
 def explained(result: Preflight, record: tuple[MachineRecord, str] | None) -> str:
@@ -191,7 +165,7 @@ def estimate_main(argv: Sequence[str] | None = None) -> int:
     available = args.available_gb
     if available is None:
         available = read_machine_memory(backend).available_gb
-    record = this_machine_record(args, backend)
+    record = this_machine(args.cache_dir, backend)
     results = [resolve(pinned(p, args), args, backend, available, record) for p in chosen]
     if args.table:
         print(table(results))

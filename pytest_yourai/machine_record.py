@@ -14,7 +14,10 @@ without the other's probe: one probe lost, nothing wrong learned.
 
 from __future__ import annotations
 
+import argparse
 import json
+import socket
+from collections.abc import Callable
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -217,6 +220,40 @@ def explain(
             f"({probe.run.model_type}, run {probe.run.run}, {probe.run.window_class})"
         )
     return "\n".join(lines)
+
+
+def add_cache_dir_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=Path(".pytest_cache"),
+        help="pytest's cache directory, where this machine's record of its probes is kept "
+        "(default: %(default)s); on this machine's backend the estimate uses it, as the "
+        "pre-flight does",
+    )
+
+
+def this_machine(cache_dir: Path, backend: str) -> tuple[MachineRecord, str] | None:
+    """This machine's record of its probes, as a command line tool finds it (pytest's
+    ``cache_dir``), when the question is about this machine's backend: (record, key)."""
+    from pytest_yourai.baseline import machine_id
+    from pytest_yourai.memory import detect_backend, read_machine_memory
+
+    if backend != detect_backend():
+        return None
+    m = read_machine_memory(backend)
+    key = machine_key(machine_id(m.backend, m.device_name, m.total_gb))
+    return read_record(cache_dir, socket.gethostname(), key), key
+
+
+def learner_of(
+    record: tuple[MachineRecord, str] | None,
+) -> Callable[[Preset, Census | None], Any] | None:
+    """preflight.memory_decision's ``learner_of`` for a record (None: no record)."""
+    if record is None:
+        return None
+    found = record
+    return lambda preset, census: record_learner(*found, preset, census)
 
 
 def read_record(cache_dir: Path, host: str, key: str) -> MachineRecord:

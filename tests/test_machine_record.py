@@ -101,3 +101,32 @@ def test_a_run_not_probed_here_keeps_todays_estimate(bench: pytest.Pytester) -> 
     assert after["learned_from"] == 1 and after["learned_correction"]["applied"] is False
     for field in ("estimated_base_gb", "estimated_conservative_gb", "mlx_peak_gb"):
         assert after[field] == before[field], field
+
+
+def test_yourai_check_and_estimate_use_the_record_as_the_pre_flight_does(
+    bench: pytest.Pytester,
+) -> None:
+    from tests.test_lora_preset import BASE, model_dir, write_yaml
+
+    model_dir(bench.path)
+    write_yaml(bench.path, BASE)
+    log = bench.path / "benchmark_log.jsonl"
+    bench.runpytest_subprocess("--yourai-lora-config", "lora.yaml").assert_outcomes(passed=1)
+    log.unlink()
+    bench.runpytest_subprocess("--yourai-lora-config", "lora.yaml", "--yourai-estimate-only")
+    (check,) = events(read_log(log), "preflight_check")
+    assert check["learned_from"] == 1 and check["learned_correction"]["applied"] is True
+    memory = str(check["available_gb"])
+    for argv in (
+        ["-m", "pytest_yourai.check", "lora.yaml", "--memory", memory, "--json"],
+        ["-m", "pytest_yourai.estimate", "--lora-config", "lora.yaml", "--available-gb", memory,
+         "--json"],
+    ):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, timeout=120, check=False,
+            cwd=bench.path,
+        )  # fmt: skip
+        said = json.loads(done.stdout)
+        said = said.get("config", said)
+        for field in ("estimated_base_gb", "estimated_conservative_gb", "learned_from"):
+            assert said[field] == check[field], (argv[1], field)
