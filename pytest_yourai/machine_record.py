@@ -8,8 +8,8 @@ calibration of the estimator, is not used (learning.MachineRecord.from_json).
 ``--yourai-forget-machine`` empties it at the start of a run.
 
 Probes are added after each one that passed, by whichever process ran it (an xdist worker
-writes the cache of its own host); two workers finishing at once may each write a record
-without the other's probe: one probe lost, nothing wrong learned.
+writes the cache of its own host), under a file lock beside the cache entry, so two workers
+finishing at once both keep their probe.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from pytest_yourai.census import Census
 from pytest_yourai.estimator import Estimate, TrainingShape
@@ -150,7 +152,8 @@ class MachineLearning:
             step_s=steady[len(steady) // 2] if steady else 0.0,
             elapsed_s=elapsed_s,
         )
-        self.cache.set(cache_key(self.host), self.record(key).add(probe).to_json())
+        with FileLock(str(self.cache.mkdir("yourai") / f"learned-{self.host}.lock")):
+            self.cache.set(cache_key(self.host), self.record(key).add(probe).to_json())
 
 
 def learned_estimate(

@@ -130,3 +130,10 @@ def test_yourai_check_and_estimate_use_the_record_as_the_pre_flight_does(
         said = said.get("config", said)
         for field in ("estimated_base_gb", "estimated_conservative_gb", "learned_from"):
             assert said[field] == check[field], (argv[1], field)
+
+
+def test_probes_of_two_xdist_workers_are_both_kept(bench: pytest.Pytester) -> None:
+    both = bench.runpytest_subprocess("-n", "2", "-k", "tiny-llama or tiny-qwen2")
+    both.assert_outcomes(passed=2)
+    again = bench.runpytest_subprocess("-k", "tiny-llama", "--yourai-estimate-only")
+    again.stdout.fnmatch_lines(["yourai:*learned from 2 probes on this machine*"])
