@@ -589,6 +589,15 @@ def targets(machines: dict[str, Any]) -> dict[str, Any]:
     return met
 
 
+def figure_cells(fig: dict[str, Any]) -> str:
+    """Median and largest error, conservative over measured, how many under."""
+    return (
+        f"{fig['median_abs_error_pct']:>5.1f}% {fig['max_abs_error_pct']:>5.1f}% "
+        f"{fig['conservative_least']:>6.2f}-{fig['conservative_most']:<6.2f} "
+        f"{fig['conservative_under']:>5}"
+    )
+
+
 def print_table(figures: dict[str, Any]) -> None:
     print(
         f"{'machine':<7} {'mode':<16} {'measure':<9} {'runs':<8} {'lines':>5} | "
@@ -603,13 +612,7 @@ def print_table(figures: dict[str, Any]) -> None:
             for part in ("all", "new_runs", "repeats"):
                 if part not in learned:
                     continue
-                cells = []
-                for fig in (learned[part], today[part]):
-                    cells.append(
-                        f"{fig['median_abs_error_pct']:>5.1f}% {fig['max_abs_error_pct']:>5.1f}% "
-                        f"{fig['conservative_least']:>6.2f}-{fig['conservative_most']:<6.2f} "
-                        f"{fig['conservative_under']:>5}"
-                    )
+                cells = [figure_cells(fig) for fig in (learned[part], today[part])]
                 times = ""
                 if part == "all":
                     for which in ("learning", "today"):
@@ -646,10 +649,8 @@ def print_table(figures: dict[str, Any]) -> None:
             name, used = decision_measure(arms["preflight"])
             fig = used["all"]
             print(
-                f"pre-flight, {machine} {mode} ({name}, {fig['lines']} lines): median "
-                f"{fig['median_abs_error_pct']:.1f}%, max {fig['max_abs_error_pct']:.1f}%, "
-                f"conservative/measured {fig['conservative_least']:.2f}-"
-                f"{fig['conservative_most']:.2f}, under {fig['conservative_under']}"
+                f"pre-flight, {machine:<7} {mode:<16} {name:<9} {fig['lines']:>5} lines "
+                f"(median, max, cons/measured, under): {figure_cells(fig)}"
             )
     for machine, met in figures["targets_met"].items():
         shown = ", ".join(

@@ -89,21 +89,8 @@ class MachineLearning:
         if self.enabled:
             self.cache.set(cache_key(self.host), MachineRecord(key).to_json())
 
-    def correct(
-        self,
-        key: str,
-        estimate: Estimate,
-        shape: TrainingShape,
-        arch: dict[str, Any],
-        census: Census | None,
-    ) -> Learned | None:
-        """Today's ``estimate`` corrected by this machine's probes (None: no record)."""
-        record = self.record(key)
-        if not record.probes:
-            return None
-        return learned_estimate(record, key, estimate, shape, arch, census)
-
-    def timed(self, key: str, result: Preflight) -> Preflight:
+    @staticmethod
+    def timed(record: MachineRecord, result: Preflight) -> Preflight:
         """The pre-flight's predicted seconds from this machine's timed probes, where it has
         any: the warm start-up and steps it learned, plus the cold start (learned once)
         when this boot or install has run no probe yet, which ``cold_start_s`` says. The
@@ -112,7 +99,7 @@ class MachineLearning:
         if result.refused:
             return result
         timed = predict_time(
-            self.record(key), key, result.shape.backend, result.flops_per_step(),
+            record, record.key, result.shape.backend, result.flops_per_step(),
             result.weights_gb(), result.steps, session_id(),
         )  # fmt: skip
         if timed is None:
@@ -179,8 +166,8 @@ def learned_estimate(
 
 
 def record_learner(record: MachineRecord, key: str, preset: Preset, census: Census | None) -> Any:
-    """The pre-flight's ``learner`` (preflight.Learner) for ``preset`` from a record read
-    outside pytest (the command line tools), or None where it holds nothing of ``key``."""
+    """The pre-flight's ``learner`` (preflight.Learner) for ``preset`` from this machine's
+    record (read once per pre-flight), or None where it holds nothing of ``key``."""
     if not record.of(key):
         return None
     arch = dict(preset.architecture)

@@ -21,7 +21,7 @@ import pytest
 
 from pytest_yourai import __version__, baseline
 from pytest_yourai.admission import Ledger
-from pytest_yourai.estimator import Estimate, TrainingShape
+from pytest_yourai.estimator import TrainingShape
 from pytest_yourai.eventlog import (
     BENCHMARK_COMPLETE,
     BENCHMARK_START,
@@ -32,11 +32,10 @@ from pytest_yourai.eventlog import (
     check_log_path,
 )
 from pytest_yourai.files import prepare_output
-from pytest_yourai.learning import Learned
 from pytest_yourai.lora_data import check_built_model, data_record, with_data
 from pytest_yourai.lora_preset import lora_catalog
 from pytest_yourai.machine import Machine
-from pytest_yourai.machine_record import MachineLearning, machine_key
+from pytest_yourai.machine_record import MachineLearning, machine_key, record_learner
 from pytest_yourai.preflight import SKIP_NO_MLX, Preflight, find_census, plan
 from pytest_yourai.presets import (
     Preset,
@@ -279,10 +278,7 @@ class YouraiSession:
         machine, settings = self.machine.memory(), self.settings
         census, refusal = find_census(preset, machine.backend, getattr(self.config, "cache", None))
         measure = not settings.estimate_only
-        key, arch = self.machine_key(), dict(preset.architecture)
-
-        def learner(estimate: Estimate, shape: TrainingShape) -> Learned | None:
-            return self.learning.correct(key, estimate, shape, arch, census)
+        record = self.learning.record(self.machine_key())  # read once, for every candidate
 
         def gflops(shape: TrainingShape) -> float | None:
             return self.timing.gflops(shape.backend, shape.dtype, shape.bits, measure)
@@ -300,9 +296,9 @@ class YouraiSession:
             timing=self.timing.model(machine.backend),
             census=census,
             refusal=refusal,
-            learner=learner,
+            learner=record_learner(record, record.key, preset, census),
         )
-        result = self.learning.timed(key, result)
+        result = self.learning.timed(record, result)
         self.log.write_event(
             PREFLIGHT_CHECK,
             **result.record(),

@@ -29,6 +29,16 @@ def write_yaml(root: Path, text: str, name: str = "lora.yaml") -> Path:
     return path
 
 
+def usage_error(bench: pytest.Pytester, line: str) -> None:
+    """The YAML preset's run stops with one usage line (exit 4), and no traceback."""
+    result = bench.runpytest_subprocess(
+        "--yourai-lora-config", "lora.yaml", "-p", "no:cacheprovider"
+    )
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([line])
+    assert "Traceback" not in result.stderr.str()
+
+
 BASE = "model: tiny-model\nbatch_size: 2\nnum_layers: 3\nmax_seq_length: 64\n"
 
 
@@ -154,12 +164,7 @@ def test_dora_with_dropout_on_chosen_keys_is_estimated(bench: pytest.Pytester) -
 def test_dora_on_a_mixture_of_experts_is_a_usage_error(bench: pytest.Pytester) -> None:
     model_dir(bench.path, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
     write_yaml(bench.path, BASE + "fine_tune_type: dora\n")
-    result = bench.runpytest_subprocess(
-        "--yourai-lora-config", "lora.yaml", "-p", "no:cacheprovider"
-    )
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: *lora.yaml*dora on *switch_mlp*SwitchLinear*"])
-    assert "Traceback" not in result.stderr.str()
+    usage_error(bench, "ERROR: *lora.yaml*dora on *switch_mlp*SwitchLinear*")
 
 
 def test_what_the_estimator_cannot_model_is_refused_by_name(bench: pytest.Pytester) -> None:
@@ -326,12 +331,7 @@ def test_a_broken_data_line_is_named_with_its_file_and_line(bench: pytest.Pytest
     data_case(bench.path, [5, 40, 12, 70], [10, 20], max_seq_length=64)
     with open(bench.path / "data" / "train.jsonl", "a") as handle:
         handle.write('{"text": "a a\n')
-    result = bench.runpytest_subprocess(
-        "--yourai-lora-config", "lora.yaml", "-p", "no:cacheprovider"
-    )
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: *train.jsonl*5*"])
-    assert "Traceback" not in result.stderr.str()
+    usage_error(bench, "ERROR: *train.jsonl*5*")
 
 
 def test_a_tokenizer_that_runs_code_is_refused_without_the_plugin_option(
@@ -347,12 +347,7 @@ def test_a_tokenizer_that_runs_code_is_refused_without_the_plugin_option(
     if "trust_remote_code" in mlx_lm_config_defaults():  # the YAML asking does not switch it on
         with open(bench.path / "lora.yaml", "a") as handle:
             handle.write("trust_remote_code: true\n")
-    result = bench.runpytest_subprocess(
-        "--yourai-lora-config", "lora.yaml", "-p", "no:cacheprovider"
-    )
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["ERROR: *trust_remote_code*--yourai-trust-remote-code"])
-    assert "Traceback" not in result.stderr.str()
+    usage_error(bench, "ERROR: *trust_remote_code*--yourai-trust-remote-code")
 
 
 def test_estimate_and_fit_take_the_yaml_too(tmp_path: Path) -> None:
