@@ -43,12 +43,18 @@ against the device's speed.
 
 Time. A probe is its start-up (spawn, imports, the build, the first step) plus its steps.
 The warm start-up is a + b x weights GB over the probes that were not the first of their
-session, leaving out those that took OUTLIER x the median (a warm machine still compiles the
-kernels a new kind of model or bit width needs on first use: not predicted); a step is c + d
-x FLOPs. The first probe of a session is cold (MLX compiles its kernels afresh): what it took
-above the warm figure is the cold start, learned once (the median over cold probes, else
-COLD_START_S) and charged only to a prediction for a session the record has not seen, which
-says so (``TimePrediction.includes_cold_start``).
+session and used no kernel new to it, leaving out those that took OUTLIER x the median; a
+step is c + d x FLOPs. The first probe of a session is cold (MLX compiles its kernels
+afresh): what it took above the warm figure is the cold start, learned once (the median over
+cold probes, else COLD_START_S) and charged only to a prediction for a session the record
+has not seen, which says so (``TimePrediction.includes_cold_start``). A warm session still
+compiles, on first use, what a run needs that no earlier probe of the session did
+(``kernel_keys``: the quantized matmuls of a bit width, a model family's own kernels): what
+a warm probe took above the warm figure is its new keys' first-use costs (``kernel_costs``:
+least squares tells keys new together apart; each key costs the least its first uses left
+for it), a key never seen new costs the least of its kind here (else nothing), and a
+prediction in a warm session adds the costs of the run's keys that the session has not used
+(``TimePrediction.compile_s``).
 """
 
 from __future__ import annotations
@@ -114,6 +120,8 @@ COLD_START_S = {"cpu": 0.0, "metal": 10.0, "cuda": 150.0}
 OUTLIER = 2.0
 SLOPE_POINTS = 5  # a start-up or step slope needs this many probes,
 SLOPE_SPAN = 3.0  # spanning this factor of weights or FLOPs
+NNLS_SWEEPS = 50  # coordinate descent over the first-use costs of kernel keys,
+NNLS_RIDGE = 0.1  # with a little ridge: keys only ever new together share the cost
 
 
 def run_id(arch: Mapping[str, Any], shape: TrainingShape | None = None) -> str:
@@ -217,6 +225,7 @@ class Probe:
     steps: int = 0
     step_s: float = 0.0  # a steady step (the median after the first)
     elapsed_s: float = 0.0  # the whole probe, spawn to exit
+    kernels: tuple[str, ...] = ()  # what MLX compiles on first use for it (kernel_keys)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -228,6 +237,7 @@ class Probe:
         names = {f.name for f in fields(Features)}
         run = Features(**{k: v for k, v in dict(data["run"]).items() if k in names})
         rest = {f.name: data[f.name] for f in fields(cls) if f.name != "run" and f.name in data}
+        rest["kernels"] = tuple(str(k) for k in rest.get("kernels", ()))
         return cls(run=run, **rest)
 
 
@@ -617,16 +627,78 @@ class TimePrediction:
     includes_cold_start: bool
     cold_start_s: float  # the part of ``seconds`` that is the cold start (0 when warm)
     learned_from: int  # probes of this key that timed it
+    compile_s: float = 0.0  # the part that compiles kernels new to a warm session
 
 
-def cold_flags(probes: Sequence[Probe]) -> list[bool]:
-    """Whether each probe was the first of its session in the record (a cold start)."""
-    seen: set[str] = set()
-    flags = []
+def kernel_keys(arch: Mapping[str, Any], shape: TrainingShape) -> tuple[str, ...]:
+    """What MLX compiles on first use in a session, as the record tells runs apart: the
+    model family's own kernels (its compiled activations and attention), the dtype, the
+    quantized matmuls of a bit width and group size, gradient checkpointing. Which of them
+    cost anything on a machine is learned (``predict_time``)."""
+    keys = [f"type {arch.get('model_type')}", f"dtype {shape.dtype}"]
+    if shape.bits < 16:
+        keys.append(f"bits {shape.bits} group {shape.group_size}")
+    if shape.grad_checkpoint:
+        keys.append("checkpoint")
+    return tuple(keys)
+
+
+def new_kernels(probes: Sequence[Probe]) -> list[tuple[str, ...] | None]:
+    """For each probe, its kernel keys that no earlier probe of its session used; None for
+    the first probe of a session (a cold start: everything is new)."""
+    seen: dict[str, set[str]] = {}
+    out: list[tuple[str, ...] | None] = []
     for probe in probes:
-        flags.append(probe.session not in seen)
-        seen.add(probe.session)
-    return flags
+        used = seen.get(probe.session)
+        out.append(None if used is None else tuple(k for k in probe.kernels if k not in used))
+        seen.setdefault(probe.session, set()).update(probe.kernels)
+    return out
+
+
+def kernel_costs(
+    probes: Sequence[Probe], new: Sequence[tuple[str, ...] | None], warm: Sequence[float]
+) -> dict[str, float]:
+    """Each key's first-use cost (s), from the warm probes that were the first of their
+    session to use some key (``new``), each of which took its new keys' costs above its warm
+    figure (``warm``). Keys new together are told apart by non-negative least squares with
+    a little ridge (keys only ever new together share evenly); a key's cost is then the
+    least that any of its first uses left for it once the others' are taken off: like the
+    rest of the time prediction, what the run takes at least. Probes that ran alone only:
+    side by side, a start-up also waits for the others."""
+    rows = [
+        (keys, max(startup_s(p) - expected, 0.0))
+        for p, keys, expected in zip(probes, new, warm, strict=True)
+        if keys and p.alone
+    ]
+
+    def left(key: str, costs: Mapping[str, float]) -> list[float]:
+        return [
+            extra - sum(costs[k] for k in keys if k != key) for keys, extra in rows if key in keys
+        ]
+
+    costs = {key: 0.0 for keys, _ in rows for key in keys}
+    for _ in range(NNLS_SWEEPS):
+        for key in costs:
+            rest = left(key, costs)
+            costs[key] = max(sum(rest) / (len(rest) + NNLS_RIDGE), 0.0)
+    return {key: max(min(left(key, costs)), 0.0) for key in costs}
+
+
+def compile_s(costs: Mapping[str, float], keys: Sequence[str], used: set[str]) -> float:
+    """What a warm session that used ``used`` compiles for a run of ``keys``: each new key's
+    learned cost, else the least cost learned here for a key of its kind (a new bit width
+    compiles as the others did; most model families compile nothing of their own), else
+    none."""
+    total = 0.0
+    for key in keys:
+        if key in used:
+            continue
+        if key in costs:
+            total += costs[key]
+            continue
+        kind = [v for k, v in costs.items() if k.split(" ")[0] == key.split(" ")[0]]
+        total += min(kind, default=0.0)
+    return total
 
 
 def line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
@@ -650,8 +722,8 @@ def startup_s(probe: Probe) -> float:
 
 def typical_warm(warm: Sequence[Probe]) -> list[Probe]:
     """Warm probes without a compile of their own: a start-up within OUTLIER times the
-    median. (A warm session still compiles the kernels a new kind of model or bit width
-    needs on first use; that is not the typical start-up.)"""
+    median (the callers leave out those that used a kernel new to their session; this
+    catches the compiles the keys do not tell apart)."""
     if not warm:
         return []
     median = statistics.median(startup_s(p) for p in warm)
@@ -666,28 +738,34 @@ def predict_time(
     weights_gb: float,
     steps: int,
     session: str,
+    kernels: Sequence[str] = (),
 ) -> TimePrediction | None:
     """Seconds a probe takes here; None before any probe of ``key`` was timed. A session the
-    record has not seen is charged the cold start (learned, else COLD_START_S)."""
+    record has not seen is charged the cold start (learned, else COLD_START_S); a warm one,
+    the first-use cost of the run's ``kernels`` (kernel_keys) it has not used yet."""
     probes = [p for p in record.of(key) if p.elapsed_s > 0 and p.steps > 0]
     if not probes:
         return None
-    cold = cold_flags(probes)
-    warm = typical_warm([p for p, c in zip(probes, cold, strict=True) if not c])
+    new = new_kernels(probes)
+    warm = typical_warm([p for p, n in zip(probes, new, strict=True) if n == ()])
     if warm:
         a, b = line([p.weights_gb for p in warm], [startup_s(p) for p in warm])
     else:
         a, b = WARM_STARTUP_S[backend], 0.0
     c, d = line([p.flops_per_step for p in probes], [p.step_s for p in probes])
-    extra = [startup_s(p) - (a + b * p.weights_gb) for p, k in zip(probes, cold, strict=True) if k]
+    expected = [a + b * p.weights_gb for p in probes]
+    extra = [startup_s(p) - e for p, e, n in zip(probes, expected, new, strict=True) if n is None]
     cold_s = max(statistics.median(extra), 0.0) if warm and extra else COLD_START_S[backend]
+    used = {k for p in probes if p.session == session for k in p.kernels}
     fresh = session not in {p.session for p in probes}
-    seconds = a + b * weights_gb + steps * (c + d * flops_per_step)
+    compiles = 0.0 if fresh else compile_s(kernel_costs(probes, new, expected), kernels, used)
+    seconds = a + b * weights_gb + steps * (c + d * flops_per_step) + compiles
     return TimePrediction(
         seconds=seconds + (cold_s if fresh else 0.0),
         includes_cold_start=fresh,
         cold_start_s=cold_s if fresh else 0.0,
         learned_from=len(probes),
+        compile_s=compiles,
     )
 
 
@@ -709,5 +787,6 @@ def probe_of(
         measured_peak_gb=measured_peak_gb,
         weights_gb=weights / GB,
         flops_per_step=training_flops(arch, shape, census),
+        kernels=kernel_keys(arch, shape),
         **timing,
     )

@@ -32,6 +32,7 @@ from pytest_yourai.learning import (
     MachineRecord,
     Probe,
     correct,
+    kernel_keys,
     predict_time,
     probe_of,
     run_id,
@@ -101,6 +102,7 @@ class MachineLearning:
         timed = predict_time(
             record, record.key, result.shape.backend, result.flops_per_step(),
             result.weights_gb(), result.steps, session_id(),
+            kernel_keys(result.preset.architecture, result.shape),
         )  # fmt: skip
         if timed is None:
             return result

@@ -236,8 +236,12 @@ def timed(elapsed: float, session: str, weights_arch: Any = ARCH) -> learning.Pr
     return probe(20.0, arch=weights_arch, session=session, elapsed_s=elapsed, step_s=0.3, steps=4)
 
 
-def predict(rec: learning.MachineRecord, session: str) -> learning.TimePrediction | None:
-    return learning.predict_time(rec, KEY, "cuda", 1e12, 4.0, 4, session)
+def predict(
+    rec: learning.MachineRecord, session: str, shape: TrainingShape = SHAPE
+) -> learning.TimePrediction | None:
+    return learning.predict_time(
+        rec, KEY, "cuda", 1e12, 4.0, 4, session, learning.kernel_keys(ARCH, shape)
+    )
 
 
 def test_no_timed_probe_no_prediction() -> None:
@@ -343,3 +347,48 @@ def test_the_sources_of_a_correction_put_a_repeat_first() -> None:
     assert found[0][0] == learning.SAME_RUN
     assert found[0][1].measured_gb == 21.0 and len(found) == 3
     assert [w for w, _ in found] == sorted((w for w, _ in found), reverse=True)
+
+
+def test_a_kernel_new_to_a_warm_session_is_charged_its_first_use() -> None:
+    """The first 8-bit probe of a warm session compiled the 8-bit matmuls (60 s more); the
+    next 8-bit probe did not. In the next session, after its cold start and a 4-bit probe,
+    an 8-bit run is predicted with that compile, and says so; a 4-bit run is not, and an
+    8-bit run once the session has used 8 bits is not either."""
+    q8 = replace(SHAPE, bits=8)
+    first = [
+        timed(150.0, "boot-1"),
+        timed(20.0, "boot-1"),
+        probe(20.0, shape=q8, session="boot-1", elapsed_s=80.0, step_s=0.3, steps=4),
+        probe(20.0, shape=q8, session="boot-1", elapsed_s=20.5, step_s=0.3, steps=4),
+    ]
+    rec = record(*first, timed(150.0, "boot-2"), timed(20.0, "boot-2"))
+    eight = predict(rec, "boot-2", q8)
+    four = predict(rec, "boot-2")
+    assert eight is not None and four is not None
+    assert eight.compile_s == pytest.approx(60.0, abs=1.0)
+    assert eight.seconds == pytest.approx(four.seconds + eight.compile_s)
+    assert four.compile_s == 0.0 and not eight.includes_cold_start
+    used = record(*first, timed(150.0, "boot-2"), probe(20.0, shape=q8, session="boot-2",
+                  elapsed_s=80.0, step_s=0.3, steps=4))  # fmt: skip
+    again = predict(used, "boot-2", q8)
+    assert again is not None and again.compile_s == 0.0
+    assert again.seconds == pytest.approx(four.seconds, abs=1.0)
+
+
+def test_keys_new_together_share_their_cost_until_one_is_seen_alone() -> None:
+    """A probe new in both its model family and its bit width took 60 s more: the two share
+    it. Once the family is seen new alone at no cost, the bit width carries it."""
+    q8, other = replace(SHAPE, bits=8), builtin_presets()["r1-distill-14b"].architecture
+    both = probe(20.0, shape=q8, arch=other, session="boot-1", elapsed_s=80.0, step_s=0.3,
+                 steps=4)  # fmt: skip
+    rec = record(timed(150.0, "boot-1"), timed(20.0, "boot-1"), both)
+    costs = learning.kernel_costs(
+        list(rec.probes), learning.new_kernels(list(rec.probes)), [20.0 - 1.2] * 3
+    )
+    family, bits = f"type {other['model_type']}", "bits 8 group 64"
+    assert costs[family] == pytest.approx(costs[bits], abs=0.5) and costs[bits] > 20.0
+    alone = probe(20.0, arch=other, session="boot-2", elapsed_s=20.0, step_s=0.3, steps=4)
+    rec = record(timed(150.0, "boot-2"), timed(20.0, "boot-2"), alone, *rec.probes)
+    probes = list(rec.probes)
+    costs = learning.kernel_costs(probes, learning.new_kernels(probes), [20.0 - 1.2] * 6)
+    assert costs[family] < 5.0 and costs[bits] > 50.0
