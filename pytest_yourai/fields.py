@@ -92,6 +92,8 @@ PREFLIGHT_FIELDS = (
     "learned_correction",
     # of predicted_seconds, the cold start (MLX compiling its kernels afresh) it includes
     "predicted_cold_start_s",
+    # of predicted_seconds, in a warm session, the first use of kernels it has not compiled
+    "predicted_compile_s",
 )
 
 

@@ -94,7 +94,8 @@ class MachineLearning:
     def timed(record: MachineRecord, result: Preflight) -> Preflight:
         """The pre-flight's predicted seconds from this machine's timed probes, where it has
         any: the warm start-up and steps it learned, plus the cold start (learned once)
-        when this boot or install has run no probe yet, which ``cold_start_s`` says. The
+        when this boot or install has run no probe yet, which ``cold_start_s`` says, else the
+        first-use compiles of kernels this boot has not used (``compile_s``). The
         time gate's skip is left as it was (it needs the optimistic figure, and a wrong
         skip loses a run that would have finished)."""
         if result.refused:
@@ -106,7 +107,12 @@ class MachineLearning:
         )  # fmt: skip
         if timed is None:
             return result
-        return replace(result, predicted_seconds=timed.seconds, cold_start_s=timed.cold_start_s)
+        return replace(
+            result,
+            predicted_seconds=timed.seconds,
+            cold_start_s=timed.cold_start_s,
+            compile_s=timed.compile_s,
+        )
 
     def add(
         self,

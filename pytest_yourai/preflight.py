@@ -78,6 +78,7 @@ class Preflight:
     census: Census | None = None
     learned: Learned | None = None  # the correction this machine's probes made to it
     cold_start_s: float | None = None  # the cold start within predicted_seconds (learned)
+    compile_s: float | None = None  # a warm session's first-use compiles within it (learned)
 
     @property
     def insufficient(self) -> bool:
@@ -111,6 +112,7 @@ class Preflight:
             "predicted_cold_start_s": None
             if self.cold_start_s is None
             else round(self.cold_start_s, 1),
+            "predicted_compile_s": None if self.compile_s is None else round(self.compile_s, 1),
         }
         return {
             name: values[name] if name in values else getattr(s, name) for name in PREFLIGHT_FIELDS

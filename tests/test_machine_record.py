@@ -52,6 +52,7 @@ def test_the_next_estimate_learns_from_this_machines_probe_and_forgets_on_reques
     assert learned["estimated_conservative_gb"] >= measured
     # Time from the probe itself: the same boot and install, so no cold start is charged.
     assert learned["predicted_cold_start_s"] == 0.0
+    assert learned["predicted_compile_s"] == 0.0  # the same kernels as the probe before
     took = float(row["elapsed_s"])
     assert 0.5 * took <= learned["predicted_seconds"] <= 2 * took
 
