@@ -20,7 +20,8 @@ from probe measurements (CALIBRATION below; docs/estimator.md has the commands a
   attention's activations; gradient checkpointing keeps block inputs instead, and MLX's
   breadth-first scheduler recomputes some blocks ahead of their backward), the logits and the
   cross-entropy, explicit attention scores where attention is not fused (Gemma 2's
-  soft-capping on every backend; every model on CPU and, assumed, Metal), and per-token
+  soft-capping on every backend; every model on CPU and Metal; on CUDA where cuDNN does not
+  take the shape, from MLX's source: SDPA_FALLBACK_BYTES), and per-token
   hidden-width tensors outside the blocks. The probe measures this by default
   (``--in-flight bounded``: MLX encodes one op ahead of the device), and it repeats;
 - with ``in_flight="mlx"`` (MLX's defaults), the in-flight window: MLX encodes ahead of the
@@ -77,6 +78,18 @@ ENVELOPE_GB: dict[str, float] = _CALIBRATION_DATA["envelope_gb"]
 ENVELOPE_SHARE: dict[str, float] = _CALIBRATION_DATA["envelope_share"]
 WINDOW_CLASSES = ("quantized", "dense", "quantized_checkpoint", "dense_checkpoint")
 UNFUSED_ATTENTION_MODEL_TYPES = frozenset({"gemma2"})
+# CUDA: MLX's fused attention (cuDNN) takes a head dim that is a multiple of 8 up to 128, in
+# float16 or bfloat16; its backward also needs the sequence a multiple of 128, or it
+# recomputes the attention unfused (mlx/backend/cuda/scaled_dot_product_attention.cpp:
+# supports_sdpa_cudnn, ScaledDotProductAttentionVJP::use_fallback; MLX 0.30.4-0.32.x).
+CUDNN_SDPA_MAX_HEAD_DIM = 128
+CUDNN_SDPA_BACKWARD_TILE = 128
+# Bytes per score (batch x heads x L x L, bfloat16) of MLX's unfused attention
+# (mlx/fast.cpp, the fallback of scaled_dot_product_attention): it keeps the softmax output
+# of a block for its backward, and that backward holds about three more of its size (the
+# gradient of the softmax output, and the softmax VJP's two products). Derived from the
+# source, not fitted: the same figures as Metal's, which trains through the same fallback.
+SDPA_FALLBACK_BYTES = {"sdpa_saved": 2.0, "sdpa_backward": 6.0}
 
 GRAPH_TERMS = (
     "logits",
@@ -134,10 +147,12 @@ def calibration_features(
     tokens = float(shape.batch_size * shape.seq_len)
     live = 1 if shape.grad_checkpoint else adapted
     unfused = attention_unfused(arch, shape.backend)
+    fallback = cuda_attention_fallback(arch, shape)
     fused = 1.0 if arch.get("model_type") in FUSED_PROJECTION_MODEL_TYPES else 0.0
     checkpoint = 1.0 if shape.grad_checkpoint else 0.0
     # Graph terms are calibrated on bfloat16 models; activations follow the model dtype.
     t = tokens * DTYPE_BYTES[shape.dtype] / 2
+    scores = t * shape.seq_len * heads
     mlp_widths, gather = live_mlp(census, inter, hidden, adapted, live)
     inter = int(mlp_widths[-1]) if mlp_widths else inter
     ahead = t * (inter + width) * checkpoint
@@ -150,11 +165,34 @@ def calibration_features(
         "checkpoint": t * adapted * hidden * checkpoint,
         "checkpoint_ahead": ahead * (1 - fused),
         "checkpoint_ahead_fused": ahead * fused,
-        "scores": t * shape.seq_len * heads * live if unfused else 0.0,
-        "scores_transient": t * shape.seq_len * heads if unfused else 0.0,
+        "scores": scores * live if unfused else 0.0,
+        "scores_transient": scores if unfused else 0.0,
         "hidden": t * hidden,
         "constant": 1e6,
+        # CUDA's unfused attention (not fitted: SDPA_FALLBACK_BYTES): the forward unfused
+        # keeps each live block's softmax output; a backward recomputed unfused, one block's
+        "sdpa_saved": scores * (live if fallback == "forward" else 1) if fallback else 0.0,
+        "sdpa_backward": scores if fallback else 0.0,
     }
+
+
+def cuda_attention_fallback(arch: Mapping[str, Any], shape: TrainingShape) -> str | None:
+    """Where MLX on CUDA trains a model's attention unfused although mlx-lm calls the fused
+    kernel: "forward" (and so the backward) where cuDNN does not take the head dim or the
+    dtype, "backward" where it takes them but not the sequence length (not a multiple of
+    128: mlx-lm pads batches to 32 and the model sees one token less, so most of its runs);
+    None where attention is fused, on other backends, and for models whose attention mlx-lm
+    writes out itself (UNFUSED_ATTENTION_MODEL_TYPES: the ``scores`` terms)."""
+    if shape.backend != "cuda" or arch.get("model_type") in UNFUSED_ATTENTION_MODEL_TYPES:
+        return None
+    if not arch.get("num_attention_heads"):
+        return None  # attention that is not Llama's (a census width): as fitted
+    dim = head_dim(arch)
+    if dim % 8 or dim > CUDNN_SDPA_MAX_HEAD_DIM or shape.dtype == "float32":
+        return "forward"
+    if shape.seq_len % CUDNN_SDPA_BACKWARD_TILE:
+        return "backward"
+    return None
 
 
 def attention_unfused(arch: Mapping[str, Any], backend: str) -> bool:
@@ -603,6 +641,7 @@ def estimate_training_memory(
     coefficients = CALIBRATION[shape.backend]
     features = calibration_features(effective, shape, census)
     graph = {t: coefficients.get(t, 0.0) * features[t] for t in GRAPH_TERMS}
+    graph.update({t: b * features[t] for t, b in SDPA_FALLBACK_BYTES.items()})
     graph["adapters"] = trained.graph_bytes
     if shape.in_flight == "mlx":
         window = window_bytes(effective, shape, coefficients)
@@ -661,7 +700,10 @@ def breakdown(
         "gradients_gb": trainable[1] / GB,
         "optimizer_state_gb": trainable[2] / GB,
         "activations_gb": (activations + graph["hidden"]) / GB,
-        "attention_scores_gb": (graph["scores"] + graph["scores_transient"]) / GB,
+        "attention_scores_gb": sum(
+            graph[t] for t in ("scores", "scores_transient", *SDPA_FALLBACK_BYTES)
+        )
+        / GB,
         "logits_and_loss_gb": (graph["logits"] + graph["softcap"]) / GB,
         "framework_overhead_gb": (graph["constant"] + window) / GB,
         "backend_overhead_gb": overhead / GB,

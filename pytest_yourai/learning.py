@@ -77,6 +77,7 @@ from pytest_yourai.estimator import (
     ENVELOPE_SHARE,
     GB,
     GRAPH_MARGIN,
+    SDPA_FALLBACK_BYTES,
     Estimate,
     TrainingShape,
     estimate_training_memory,
@@ -97,6 +98,7 @@ CALIBRATION_ID = hashlib.sha256(
             CHECKPOINT_MARGIN,
             ENVELOPE_GB,
             ENVELOPE_SHARE,
+            SDPA_FALLBACK_BYTES,
         ],
         sort_keys=True,
     ).encode()

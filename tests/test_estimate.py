@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from pytest_yourai.estimator import (
+    SDPA_FALLBACK_BYTES,
     TrainingShape,
+    cuda_attention_fallback,
     estimate_training_memory,
     lora_parameter_count,
     seed_estimate_gb,
@@ -71,6 +73,58 @@ def test_more_of_anything_needs_more_memory(change: dict[str, object]) -> None:
     before = estimate_training_memory(ARCH_70B, BASE)
     after = estimate_training_memory(ARCH_70B, replace(BASE, **change))  # type: ignore[arg-type]
     assert after.estimated_base_gb > before.estimated_base_gb
+
+
+@pytest.mark.parametrize(
+    ("backend", "change", "expected"),
+    [
+        ("cuda", {}, None),  # 512 tokens, head dim 128, bfloat16: cuDNN both ways
+        ("cuda", {"seq_len": 511}, "backward"),  # what mlx-lm's 513-token batches give
+        ("cuda", {"seq_len": 2047}, "backward"),  # max_seq_length 2048, rows truncated
+        ("cuda", {"seq_len": 1024}, None),
+        ("cuda", {"dtype": "float32"}, "forward"),
+        ("cuda", {"arch": {"head_dim": 256}}, "forward"),
+        ("cuda", {"arch": {"head_dim": 100}}, "forward"),  # not a multiple of 8
+        ("cuda", {"arch": {"model_type": "gemma2"}}, None),  # its own explicit attention
+        ("metal", {"seq_len": 511}, None),  # the ``scores`` terms: unfused on every length
+        ("cpu", {"seq_len": 511}, None),
+    ],
+)
+def test_where_cuda_trains_attention_unfused(
+    backend: str, change: dict[str, object], expected: str | None
+) -> None:
+    """MLX 0.30.4-0.32.x on CUDA (mlx/backend/cuda/scaled_dot_product_attention.cpp)."""
+    arch = {**ARCH_7B, **dict(change.pop("arch", {}))}  # type: ignore[call-overload]
+    shape = replace(BASE, backend=backend, **change)  # type: ignore[arg-type]
+    assert cuda_attention_fallback(arch, shape) == expected
+
+
+def test_an_unfused_cuda_backward_holds_one_block_of_scores() -> None:
+    """511 tokens need more than 512 on CUDA (the backward's softmax of one block and its
+    gradients, batch x heads x L x L), as many more with 16 blocks adapted as with 8; with
+    the forward unfused too (head dim 256) each adapted block keeps its softmax."""
+    fused = estimate_training_memory(ARCH_7B, BASE)
+    odd = estimate_training_memory(ARCH_7B, replace(BASE, seq_len=511))
+    scores = BASE.batch_size * 32 * 511 * 511 * sum(SDPA_FALLBACK_BYTES.values()) / 1e9
+    extra = odd.breakdown["attention_scores_gb"] - fused.breakdown["attention_scores_gb"]
+    assert extra == pytest.approx(scores)
+    assert odd.mlx_peak_gb > fused.mlx_peak_gb
+    deeper = replace(BASE, seq_len=511, lora_layers=16)
+    assert estimate_training_memory(ARCH_7B, deeper).breakdown[
+        "attention_scores_gb"
+    ] == pytest.approx(odd.breakdown["attention_scores_gb"])
+    wide = {**ARCH_7B, "head_dim": 256}
+    eight, sixteen = (
+        estimate_training_memory(wide, replace(BASE, lora_layers=n)).breakdown[
+            "attention_scores_gb"
+        ]
+        for n in (8, 16)
+    )
+    assert sixteen > eight > 0
+    for backend in ("cpu", "metal"):  # one fallback there whatever the length
+        shape = replace(BASE, backend=backend)
+        before = estimate_training_memory(ARCH_7B, replace(shape, seq_len=511))
+        assert before.mlx_peak_gb < estimate_training_memory(ARCH_7B, shape).mlx_peak_gb
 
 
 def test_grad_checkpointing_saves_activations() -> None:
