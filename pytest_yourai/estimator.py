@@ -90,6 +90,11 @@ CUDNN_SDPA_BACKWARD_TILE = 128
 # gradient of the softmax output, and the softmax VJP's two products). Derived from the
 # source, not fitted: the same figures as Metal's, which trains through the same fallback.
 SDPA_FALLBACK_BYTES = {"sdpa_saved": 2.0, "sdpa_backward": 6.0}
+# The loss's transients and one block's unfused attention backward: the first is over before
+# the second starts (the logits' gradient is consumed by the head's backward), so MLX's peak
+# takes the larger of the two (mlx/fast.cpp's fallback; docs/estimator.md, Metal).
+LOSS_TERMS = ("logits", "softcap")
+ATTENTION_BACKWARD = ("scores_transient", "sdpa_backward")
 
 GRAPH_TERMS = (
     "logits",
@@ -654,8 +659,16 @@ def estimate_training_memory(
         exact, update = full_fine_tune_peaks(shape, weights, optimizer, gradients, trained)
     margin = CHECKPOINT_MARGIN if shape.grad_checkpoint else GRAPH_MARGIN[shape.backend]
     graph_total = sum(graph.values())
-    mlx_peak = max(exact + graph_total + window, update)
-    mlx_peak_conservative = max(exact + graph_total * margin + max(window, envelope), mlx_peak)
+    # Two moments of the backward that are never live together: the loss's (the logits and
+    # their gradient) and one block's unfused attention backward. MLX's peak is the larger;
+    # the footprint holds both, the other's buffers kept in MLX's cache (other sizes).
+    apart = min(sum(graph[t] for t in LOSS_TERMS), sum(graph[t] for t in ATTENTION_BACKWARD))
+    held = max(exact + graph_total + window, update)
+    mlx_peak = max(exact + graph_total - apart + window, update)
+    mlx_peak_conservative = max(
+        exact + (graph_total - apart) * margin + max(window, envelope), mlx_peak
+    )
+    held_conservative = max(exact + graph_total * margin + max(window, envelope), held)
     overhead = backend_overhead_bytes(shape, graph_total, window, conservative=False)
     # The conservative shares were fitted to cover every run against its graph and window.
     overhead_conservative = backend_overhead_bytes(
@@ -664,11 +677,10 @@ def estimate_training_memory(
     # The build (weights made a slice at a time, as a model loads from disk) needs the
     # weights and what the backend holds; training needs more, except for odd shapes.
     build = weights + SLICE_BYTES + BACKEND_OVERHEAD[shape.backend]["process_gb"] * GB
-    base = max(mlx_peak + overhead, build)
+    base = max(held + overhead, build)
     return Estimate(
         estimated_base_gb=base / GB,
-        estimated_conservative_gb=max(mlx_peak_conservative + overhead_conservative, build, base)
-        / GB,
+        estimated_conservative_gb=max(held_conservative + overhead_conservative, build, base) / GB,
         breakdown=breakdown(weights, (lora, gradients, optimizer), graph, window, overhead),
         mlx_peak_gb=mlx_peak / GB,
         mlx_peak_conservative_gb=mlx_peak_conservative / GB,

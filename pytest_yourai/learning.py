@@ -70,6 +70,7 @@ from typing import Any
 
 from pytest_yourai.census import Census
 from pytest_yourai.estimator import (
+    ATTENTION_BACKWARD,
     BACKEND_OVERHEAD,
     CALIBRATION,
     CHECKPOINT_MARGIN,
@@ -77,6 +78,7 @@ from pytest_yourai.estimator import (
     ENVELOPE_SHARE,
     GB,
     GRAPH_MARGIN,
+    LOSS_TERMS,
     SDPA_FALLBACK_BYTES,
     Estimate,
     TrainingShape,
@@ -99,6 +101,7 @@ CALIBRATION_ID = hashlib.sha256(
             ENVELOPE_GB,
             ENVELOPE_SHARE,
             SDPA_FALLBACK_BYTES,
+            [LOSS_TERMS, ATTENTION_BACKWARD],  # never live together: MLX's peak
         ],
         sort_keys=True,
     ).encode()

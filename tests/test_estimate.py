@@ -127,6 +127,27 @@ def test_an_unfused_cuda_backward_holds_one_block_of_scores() -> None:
         assert before.mlx_peak_gb < estimate_training_memory(ARCH_7B, shape).mlx_peak_gb
 
 
+@pytest.mark.parametrize(
+    ("backend", "seq_len", "short_len"), [("metal", 4096, 256), ("cuda", 4095, 255)]
+)
+def test_the_loss_and_an_attention_backward_are_never_live_together(
+    backend: str, seq_len: int, short_len: int
+) -> None:
+    """MLX's peak takes the larger of the loss's transients and one block's unfused
+    attention backward; the footprint holds both (the other's buffers in MLX's cache)."""
+    shape = replace(BASE, backend=backend, seq_len=seq_len, grad_checkpoint=True)
+    estimate = estimate_training_memory(ARCH_7B, shape)
+    per_score = {"metal": 6.0, "cuda": SDPA_FALLBACK_BYTES["sdpa_backward"]}[backend]
+    backward = BASE.batch_size * 32 * seq_len * seq_len * per_score / 1e9
+    loss = estimate.breakdown["logits_and_loss_gb"]
+    assert 0 < loss < backward  # a long sequence: the attention backward is the larger
+    held = estimate.estimated_base_gb - estimate.breakdown["backend_overhead_gb"]
+    assert held - estimate.mlx_peak_gb == pytest.approx(loss, rel=1e-6)
+    short = estimate_training_memory(ARCH_7B, replace(shape, seq_len=short_len))
+    short_held = short.estimated_base_gb - short.breakdown["backend_overhead_gb"]
+    assert short_held > short.mlx_peak_gb  # the smaller one, whichever it is, is apart
+
+
 def test_grad_checkpointing_saves_activations() -> None:
     shape = replace(BASE, lora_layers=32, seq_len=2048)
     plain = estimate_training_memory(ARCH_70B, shape)
