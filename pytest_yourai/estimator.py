@@ -176,6 +176,8 @@ def calibration_features(
         "constant": 1e6,
         # CUDA's unfused attention (not fitted: SDPA_FALLBACK_BYTES): the forward unfused
         # keeps each live block's softmax output; a backward recomputed unfused, one block's
+        # (its recompute does not wait for the loss's gradient: MLX makes it ahead, beside
+        # the loss's backward, as the H200 runs at 4 x 544 and 4 x 511 tokens show)
         "sdpa_saved": scores * (live if fallback == "forward" else 1) if fallback else 0.0,
         "sdpa_backward": scores if fallback else 0.0,
     }

@@ -20,6 +20,8 @@ order=(
   lora-olmoe-4bit-adam-equal
   lora-llama1b-4bit-adamw-mlp-dropout-ckpt-chat
   lora-llama1b-4bit-adam-equal
+  lora-llama1b-4bit-adam-cut1023
+  lora-llama1b-4bit-adam-cut1024
 )
 [ $# -gt 0 ] && order=("$@")
 for name in "${order[@]}"; do
