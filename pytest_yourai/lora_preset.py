@@ -135,6 +135,13 @@ def preset_from_lora_config(path: Path, name: str | None = None, source: str = "
             "quantized weights (it fails at the first step: [QuantizedMatmul::vjp] no gradient "
             "wrt the quantized weights); use lora or dora, or an unquantized model"
         )
+    if run.fine_tune_type == "dora" and bits != 16 and 32 % bits:
+        raise YouraiUsageError(
+            f"{where}: fine_tune_type: dora on a {bits}-bit model: mlx-lm sizes DoRA's "
+            f"adapters with input_dims *= 32 // bits (mlx_lm/tuner/dora.py), wrong for {bits} "
+            "bits, and its first step fails ([matmul] shapes differ); use lora, or a 2-, 4- or "
+            "8-bit model"
+        )
     layers = int(architecture["num_hidden_layers"])
     if run.num_layers > layers:
         raise YouraiUsageError(

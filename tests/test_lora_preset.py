@@ -161,6 +161,24 @@ def test_dora_with_dropout_on_chosen_keys_is_estimated(bench: pytest.Pytester) -
     assert check["estimated_conservative_gb"] is not None and check["decision"] == "run"
 
 
+@pytest.mark.parametrize("bits", [3, 5, 6])
+def test_dora_where_mlx_lm_sizes_its_adapters_wrong_is_a_usage_error(
+    bench: pytest.Pytester, bits: int
+) -> None:
+    """mlx-lm's DoRALinear.from_base multiplies the packed width by 32 // bits: right for 2, 4
+    and 8 bits, wrong for 3, 5 and 6, and the first step fails on the matmul's shapes."""
+    model_dir(bench.path, quantization={"bits": bits, "group_size": 32})
+    write_yaml(bench.path, BASE + "fine_tune_type: dora\n")
+    usage_error(bench, f"ERROR: *lora.yaml*dora on a {bits}-bit model*")
+
+
+def test_dora_on_a_four_bit_model_is_not_refused(tmp_path: Path) -> None:
+    model_dir(tmp_path, quantization={"bits": 4, "group_size": 32})
+    write_yaml(tmp_path, BASE + "fine_tune_type: dora\n")
+    checked = run_yourai("check", str(tmp_path / "lora.yaml"), "--backend", "cpu")
+    assert checked.returncode in (0, 1), checked.stdout + checked.stderr
+
+
 def test_dora_on_a_mixture_of_experts_is_a_usage_error(bench: pytest.Pytester) -> None:
     model_dir(bench.path, model_type="mixtral", num_local_experts=4, num_experts_per_tok=2)
     write_yaml(bench.path, BASE + "fine_tune_type: dora\n")
