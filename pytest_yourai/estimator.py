@@ -152,7 +152,6 @@ def calibration_features(
     tokens = float(shape.batch_size * shape.seq_len)
     live = 1 if shape.grad_checkpoint else adapted
     unfused = attention_unfused(arch, shape.backend)
-    fallback = cuda_attention_fallback(arch, shape)
     fused = 1.0 if arch.get("model_type") in FUSED_PROJECTION_MODEL_TYPES else 0.0
     checkpoint = 1.0 if shape.grad_checkpoint else 0.0
     # Graph terms are calibrated on bfloat16 models; activations follow the model dtype.
@@ -174,12 +173,21 @@ def calibration_features(
         "scores_transient": scores if unfused else 0.0,
         "hidden": t * hidden,
         "constant": 1e6,
-        # CUDA's unfused attention (not fitted: SDPA_FALLBACK_BYTES): the forward unfused
-        # keeps each live block's softmax output; a backward recomputed unfused, one block's
-        # (its recompute does not wait for the loss's gradient: MLX makes it ahead, beside
-        # the loss's backward, as the H200 runs at 4 x 544 and 4 x 511 tokens show)
-        "sdpa_saved": scores * (live if fallback == "forward" else 1) if fallback else 0.0,
-        "sdpa_backward": scores if fallback else 0.0,
+        **sdpa_fallback_features(cuda_attention_fallback(arch, shape), scores, live),
+    }
+
+
+def sdpa_fallback_features(fallback: str | None, scores: float, live: int) -> dict[str, float]:
+    """CUDA's unfused attention (not fitted: SDPA_FALLBACK_BYTES): the forward unfused keeps
+    each live block's softmax output; a backward recomputed unfused, one block's (its
+    recompute does not wait for the loss's gradient: MLX makes it ahead, beside the loss's
+    backward, as the H200 runs at 4 x 544 and 4 x 511 tokens show); either backward holds
+    one block's transients."""
+    if fallback is None:
+        return {"sdpa_saved": 0.0, "sdpa_backward": 0.0}
+    return {
+        "sdpa_saved": scores * (live if fallback == "forward" else 1),
+        "sdpa_backward": scores,
     }
 
 

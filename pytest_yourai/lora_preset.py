@@ -118,17 +118,8 @@ def probe_run(run: LoraRun) -> dict[str, Any]:
     }
 
 
-def preset_from_lora_config(path: Path, name: str | None = None, source: str = "") -> Preset:
-    """The preset for ``mlx_lm.lora -c PATH``; every problem is a one-line usage error."""
-    where = f"{source + ': ' if source else ''}{path}"
-    run = load_lora_config(path)
-    model_dir = model_directory(run.model, where)
-    config = load_config_json(model_dir / "config.json", where)
-    validate_architecture(config, where)
-    # As mlx-lm loads it: the config's own fields and mlx-lm's defaults for the rest (not a
-    # default-sized transformers config's, which can disagree: Qwen2's 32 key/value heads).
-    architecture = dict(config)
-    bits, group_size = quantization_bits(config, where)
+def check_fine_tune_type(run: LoraRun, bits: int, where: str) -> None:
+    """The fine-tune types mlx-lm fails on at its first step with a model of ``bits``."""
     if run.fine_tune_type == "full" and bits != 16:
         raise YouraiUsageError(
             f"{where}: fine_tune_type: full on a {bits}-bit model: mlx-lm cannot train "
@@ -142,6 +133,20 @@ def preset_from_lora_config(path: Path, name: str | None = None, source: str = "
             "bits, and its first step fails ([matmul] shapes differ); use lora, or a 2-, 4- or "
             "8-bit model"
         )
+
+
+def preset_from_lora_config(path: Path, name: str | None = None, source: str = "") -> Preset:
+    """The preset for ``mlx_lm.lora -c PATH``; every problem is a one-line usage error."""
+    where = f"{source + ': ' if source else ''}{path}"
+    run = load_lora_config(path)
+    model_dir = model_directory(run.model, where)
+    config = load_config_json(model_dir / "config.json", where)
+    validate_architecture(config, where)
+    # As mlx-lm loads it: the config's own fields and mlx-lm's defaults for the rest (not a
+    # default-sized transformers config's, which can disagree: Qwen2's 32 key/value heads).
+    architecture = dict(config)
+    bits, group_size = quantization_bits(config, where)
+    check_fine_tune_type(run, bits, where)
     layers = int(architecture["num_hidden_layers"])
     if run.num_layers > layers:
         raise YouraiUsageError(
