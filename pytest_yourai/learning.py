@@ -526,9 +526,18 @@ class Learned:
                 "bounds_gb": [round(b, 3) for b in c.bounds],
             }
 
+        # The learned figures, applied or not: for a run not probed here the log keeps what
+        # learning would have said, beside today's figures that the pre-flight used.
+        figures = {
+            "estimated_base_gb": self.estimate.estimated_base_gb,
+            "estimated_conservative_gb": self.estimate.estimated_conservative_gb,
+            "mlx_peak_gb": self.estimate.mlx_peak_gb,
+            "mlx_peak_conservative_gb": self.estimate.mlx_peak_conservative_gb,
+        }
         return {
             "learned_from": self.learned_from,
             "applied": self.applied,
+            **{k: round(v, 4) for k, v in figures.items()},
             "footprint": part(self.footprint),
             "mlx_peak": part(self.peak),
         }

@@ -99,9 +99,14 @@ def test_a_run_not_probed_here_keeps_todays_estimate(bench: pytest.Pytester) -> 
     log.unlink()
     bench.runpytest_subprocess("-k", "tiny-qwen2", "--yourai-estimate-only")
     (after,) = events(read_log(log), "preflight_check")
-    assert after["learned_from"] == 1 and after["learned_correction"]["applied"] is False
+    correction = after["learned_correction"]
+    assert after["learned_from"] == 1 and correction["applied"] is False
     for field in ("estimated_base_gb", "estimated_conservative_gb", "mlx_peak_gb"):
         assert after[field] == before[field], field
+    # What learning would have said is logged beside the figures the pre-flight used: the
+    # probe of tiny-llama moved it.
+    assert correction["estimated_base_gb"] != after["estimated_base_gb"]
+    assert correction["estimated_conservative_gb"] >= correction["estimated_base_gb"]
 
 
 def test_yourai_check_and_estimate_use_the_record_as_the_pre_flight_does(
@@ -117,6 +122,8 @@ def test_yourai_check_and_estimate_use_the_record_as_the_pre_flight_does(
     bench.runpytest_subprocess("--yourai-lora-config", "lora.yaml", "--yourai-estimate-only")
     (check,) = events(read_log(log), "preflight_check")
     assert check["learned_from"] == 1 and check["learned_correction"]["applied"] is True
+    for field in ("estimated_base_gb", "estimated_conservative_gb", "mlx_peak_gb"):
+        assert check["learned_correction"][field] == pytest.approx(check[field], abs=1e-3)
     memory = str(check["available_gb"])
     for argv in (
         ["-m", "pytest_yourai.check", "lora.yaml", "--memory", memory, "--json"],
