@@ -453,6 +453,7 @@ def score(
             len(steps),
             line.session,
             learning.kernel_keys(line.arch, line.shape),
+            learning.run_id(line.arch, line.shape),
         ),
     )
 

@@ -54,7 +54,9 @@ a warm probe took above the warm figure is its new keys' first-use costs (``kern
 least squares tells keys new together apart; each key costs the least its first uses left
 for it), a key never seen new costs the least of its kind here (else nothing), and a
 prediction in a warm session adds the costs of the run's keys that the session has not used
-(``TimePrediction.compile_s``).
+(``TimePrediction.compile_s``). A run probed here before is its own best measure: its steady
+step and (the least of its warm probes that compiled nothing new) its start-up replace the
+fits.
 """
 
 from __future__ import annotations
@@ -753,10 +755,14 @@ def predict_time(
     steps: int,
     session: str,
     kernels: Sequence[str] = (),
+    run: str = "",
 ) -> TimePrediction | None:
     """Seconds a probe takes here; None before any probe of ``key`` was timed. A session the
     record has not seen is charged the cold start (learned, else COLD_START_S); a warm one,
-    the first-use cost of the run's ``kernels`` (kernel_keys) it has not used yet."""
+    the first-use cost of the run's ``kernels`` (kernel_keys) it has not used yet. A run
+    probed here before (``run``: its run_id) takes its own steady step and, where one of its
+    probes was warm and compiled nothing new, its own start-up, rather than the fits over
+    all probes: what a repeat took is the best measure of what it takes."""
     probes = [p for p in record.of(key) if p.elapsed_s > 0 and p.steps > 0]
     if not probes:
         return None
@@ -773,7 +779,15 @@ def predict_time(
     used = {k for p in probes if p.session == session for k in p.kernels}
     fresh = session not in {p.session for p in probes}
     compiles = 0.0 if fresh else compile_s(kernel_costs(probes, new, expected), kernels, used)
-    seconds = a + b * weights_gb + steps * (c + d * flops_per_step) + compiles
+    startup = a + b * weights_gb
+    step = c + d * flops_per_step
+    own = [(p, n) for p, n in zip(probes, new, strict=True) if run and p.run.run == run and p.alone]
+    if own:
+        step = statistics.median(p.step_s for p, _ in own)
+        # Its warm start-ups, however far from other runs' (a larger model loads longer);
+        # the least of them, as one may still hold a compile the keys do not tell apart.
+        startup = min([startup_s(p) for p, n in own if n == ()], default=startup)
+    seconds = startup + steps * step + compiles
     return TimePrediction(
         seconds=seconds + (cold_s if fresh else 0.0),
         includes_cold_start=fresh,

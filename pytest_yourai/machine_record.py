@@ -104,6 +104,7 @@ class MachineLearning:
             record, record.key, result.shape.backend, result.flops_per_step(),
             result.weights_gb(), result.steps, session_id(),
             kernel_keys(result.preset.architecture, result.shape),
+            run_id(result.preset.architecture, result.shape),
         )  # fmt: skip
         if timed is None:
             return result

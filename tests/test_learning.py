@@ -282,6 +282,23 @@ def test_a_warm_probe_that_compiled_new_kernels_does_not_raise_the_warm_figure()
     assert warm is not None and warm.seconds == pytest.approx(20.0, abs=0.5)
 
 
+def test_a_run_probed_before_takes_its_own_time_not_the_fit() -> None:
+    """Other runs took 20 s with 0.3 s steps; this run's own warm probe took 60 s with 5 s
+    steps: its repeat is predicted from itself, another run still from the fit."""
+    slow = replace(SHAPE, seq_len=4096)
+    own = probe(20.0, shape=slow, session="boot-1", elapsed_s=60.0, step_s=5.0, steps=4)
+    rec = record(timed(150.0, "boot-1"), timed(20.0, "boot-1"), timed(20.0, "boot-1"), own)
+    run = learning.run_id(ARCH, slow)
+    keys = learning.kernel_keys(ARCH, slow)
+    again = learning.predict_time(rec, KEY, "cuda", 1e12, 4.0, 4, "boot-1", keys, run)
+    assert again is not None and again.seconds == pytest.approx(60.0, abs=0.5)
+    other = learning.predict_time(rec, KEY, "cuda", 1e12, 4.0, 4, "boot-1", keys, "other")
+    assert other is not None and other.seconds < 30.0
+    # On a new boot the repeat is charged the cold start on top of its own time.
+    cold = learning.predict_time(rec, KEY, "cuda", 1e12, 4.0, 4, "boot-2", keys, run)
+    assert cold is not None and cold.seconds == pytest.approx(60.0 + cold.cold_start_s, abs=0.5)
+
+
 # -- the replay of the committed GPU results --------------------------------------------------
 
 COMMITTED = ROOT / "benchmarks/results/replay-learning.json"
