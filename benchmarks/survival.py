@@ -82,6 +82,35 @@ for line in sys.stdin:
     print("DONE", flush=True)
 """
 
+# The same on CPU, in RAM: what psutil reports as available (the pre-flight's source there)
+# drops by what is held. Every page is written, so that the memory is really taken.
+HOLDER_CPU = r"""
+import sys
+PIECE = 1 << 28
+chunks = []
+print("READY", flush=True)
+
+
+def take(size):
+    while size > 0:
+        chunk = bytearray(min(size, PIECE))
+        chunk[::4096] = b"\x01" * len(range(0, len(chunk), 4096))
+        chunks.append(chunk)
+        size -= len(chunk)
+
+
+for line in sys.stdin:
+    command, amount = line.split()
+    if command == "release":
+        chunks.clear()
+    elif command == "grow":
+        size = int(amount)  # negative: give some back
+        while size < 0 and chunks:
+            size += len(chunks.pop())
+        take(size)
+    print("DONE", flush=True)
+"""
+
 
 def nvidia_smi_free_gb() -> float:
     """What the plugin's pre-flight reads (memory.py): nvidia-smi's free memory of GPU 0."""
@@ -94,12 +123,22 @@ def nvidia_smi_free_gb() -> float:
     return float(out.strip().splitlines()[0]) * 1024 * 1024 / 1e9
 
 
-class Holder:
-    """Another process that holds GPU memory so that a chosen amount stays free."""
+def psutil_available_gb() -> float:
+    """What the plugin's pre-flight reads on CPU (memory.py): psutil's available memory."""
+    import psutil
 
-    def __init__(self) -> None:
+    return float(psutil.virtual_memory().available) / 1e9
+
+
+class Holder:
+    """Another process that holds GPU memory (on CPU: RAM) so that a chosen amount stays
+    free, as the plugin's pre-flight reads it."""
+
+    def __init__(self, backend: str = "cuda") -> None:
+        self.backend = backend
+        self.free_gb = nvidia_smi_free_gb if backend == "cuda" else psutil_available_gb
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER],
+            [sys.executable, "-c", HOLDER if backend == "cuda" else HOLDER_CPU],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -116,15 +155,19 @@ class Holder:
         self.proc.stdin.flush()
         assert self._read() == "DONE"
 
+    def release(self) -> None:
+        """Hold nothing."""
+        self._send("release")
+
     def leave_free(self, target_gb: float) -> float:
         """Hold memory until nvidia-smi shows ``target_gb`` free (within TOLERANCE_GB)."""
         self._send("release")
         for _ in range(6):
-            excess = nvidia_smi_free_gb() - target_gb
+            excess = self.free_gb() - target_gb
             if abs(excess) <= TOLERANCE_GB:
                 break
             self._send("grow", int(excess * 1e9))
-        return nvidia_smi_free_gb()
+        return self.free_gb()
 
     def close(self) -> None:
         self.proc.kill()
@@ -191,11 +234,13 @@ def run_plugin(
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=work, check=False)
     rows = json.loads(results.read_text())["results"] if results.exists() else []
     events = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    checks = [e for e in events if e["event"] == "preflight_check"]
     return {
         "exit_code": proc.returncode,
         "wall_s": round(time.monotonic() - started, 1),
         "row": rows[0] if rows else None,
         "events": [e["event"] for e in events],
+        "preflight": checks[0] if checks else None,
         "output_tail": (proc.stdout + proc.stderr)[-1500:],
     }
 
