@@ -1,7 +1,7 @@
 """A held-out sequence on one host: the plugin learning as it goes, then each run again at
 its learned go threshold with the rest of the memory held by another process (issue 29).
 
-    python benchmarks/learning_sequence.py benchmarks/grids/learning_sequence_cuda.jsonl \
+    python benchmarks/learning_sequence.py benchmarks/plans/learning_sequence_cuda.jsonl \
         --out benchmarks/results/h100-learning-sequence.jsonl --work /root/work/sequence
     python benchmarks/learning_sequence.py report benchmarks/results/h100-learning-sequence.jsonl
 
@@ -282,7 +282,11 @@ def main() -> int:
         help="start no attempt after this many seconds (a lent machine's call limit); "
         "a rerun with the same --out and --work goes on where it stopped",
     )
-    return run(parser.parse_args())
+    args = parser.parse_args()
+    unknown = {level.strip() for level in args.levels.split(",")} - {"learn", "go"}
+    if unknown:
+        parser.error(f"--levels: unknown {', '.join(sorted(unknown))} (learn, go)")
+    return run(args)
 
 
 if __name__ == "__main__":
