@@ -37,18 +37,16 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from replay_learning import TARGETS, K, errors, ratios, time_figures
 from results_io import append_record, canonical, read_grid, read_jsonl, read_records
 from survival import TOLERANCE_GB, Holder, run_plugin, write_preset
 
-K = 2
-TARGETS = {"median_pct": 5.0, "max_pct": 12.0, "conservative_most": 1.25, "time_factor": 1.5}
 LEARNED = ("estimated_base_gb", "estimated_conservative_gb", "mlx_peak_gb")
 
 
@@ -190,18 +188,14 @@ def scored(records: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 
 
 def figures(pairs: list[tuple[list[float], float]]) -> dict[str, Any]:
-    """Median and largest |error| of the typical figure, the conservative one over the
-    measured (least, most) and how many were under."""
+    """The typical figure's error and the conservative one over the measured, as the replay
+    scores them (benchmarks/replay_learning.py)."""
     if not pairs:
         return {}
-    errors = [abs(est[0] - m) / m * 100 for est, m in pairs]
-    ratios = [est[1] / m for est, m in pairs]
     return {
         "lines": len(pairs),
-        "median_pct": round(statistics.median(errors), 1),
-        "max_pct": round(max(errors), 1),
-        "conservative": [round(min(ratios), 2), round(max(ratios), 2)],
-        "under": sum(r < 1 for r in ratios),
+        **errors([(est[0], m) for est, m in pairs]),
+        **ratios([(est[1], m) for est, m in pairs]),
     }
 
 
@@ -209,10 +203,10 @@ def verdicts(fig: dict[str, Any]) -> str:
     if not fig:
         return "nothing scored"
     met = {
-        "median": fig["median_pct"] <= TARGETS["median_pct"],
-        "max": fig["max_pct"] <= TARGETS["max_pct"],
-        "never under": fig["under"] == 0,
-        "conservative at most 1.25x": fig["conservative"][1] <= TARGETS["conservative_most"],
+        "median": fig["median_abs_error_pct"] <= TARGETS["footprint_median_pct"],
+        "max": fig["max_abs_error_pct"] <= TARGETS["footprint_max_pct"],
+        "never under": fig["conservative_under"] == 0,
+        "conservative at most 1.25x": fig["conservative_most"] <= TARGETS["conservative_most"],
     }
     return ", ".join(f"{name} {'met' if ok else 'NOT met'}" for name, ok in met.items())
 
@@ -231,12 +225,14 @@ def report(paths: list[Path], k: int = K) -> int:
         )
     learned = figures([(r["learned"], r["footprint"]) for r in rows])
     today = figures([(r["today"], r["footprint"]) for r in rows if r["today"] is not None])
-    timed = [r["took_s"] / r["predicted_s"] for r in rows if r["predicted_s"]]
-    within = sum(1 / TARGETS["time_factor"] <= t <= TARGETS["time_factor"] for t in timed)
+    timed = time_figures([(r["took_s"], r["predicted_s"]) for r in rows])
     print(f"\nafter the first {k} probes, {len(rows)} runs (footprint):")
     print(f"  learning: {learned} -> {verdicts(learned)}")
     print(f"  today:    {today} -> {verdicts(today)}")
-    print(f"  time within {TARGETS['time_factor']}x: {within}/{len(timed)}")
+    if timed:
+        print(
+            f"  time within {TARGETS['time_factor']}x: {timed['time_within']}/{timed['time_lines']}"
+        )
     gos = [r for r in records if r["level"] == "go"]
     verdicts_of = [(r["name"], (r.get("row") or {}).get("verdict")) for r in gos]
     passed = sum(v == "Pass" for _, v in verdicts_of)
@@ -253,10 +249,11 @@ def report(paths: list[Path], k: int = K) -> int:
         if (r.get("row") or {}).get("footprint_peak_gb") and r.get("preflight")
     ]
     if held:
-        ratios = [c / f for c, f in held]
+        over = ratios(held)
         print(
             f"  their learned conservative figure over the footprint they held: "
-            f"{min(ratios):.2f}-{max(ratios):.2f}, under {sum(x < 1 for x in ratios)}"
+            f"{over['conservative_least']:.2f}-{over['conservative_most']:.2f}, "
+            f"under {over['conservative_under']}"
         )
     return 0
 

@@ -160,8 +160,9 @@ class Holder:
         self._send("release")
 
     def leave_free(self, target_gb: float) -> float:
-        """Hold memory until nvidia-smi shows ``target_gb`` free (within TOLERANCE_GB)."""
-        self._send("release")
+        """Hold memory until ``target_gb`` is free as the pre-flight reads it (within
+        TOLERANCE_GB)."""
+        self.release()
         for _ in range(6):
             excess = self.free_gb() - target_gb
             if abs(excess) <= TOLERANCE_GB:
